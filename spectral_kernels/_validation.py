@@ -1,0 +1,48 @@
+"""Input checks shared by every public entry point: clear errors that name the argument."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def finite_checks_enabled() -> bool:
+    """NaN/Inf scans cost one pass and (on a GPU) one sync; SPECTRAL_KERNELS_CHECK_FINITE=0 skips them."""
+    if os.environ.get("SPECTRAL_KERNELS_CHECK_FINITE", "1") == "0":
+        return False
+    return not torch.compiler.is_compiling()
+
+
+def check_tensor(name: str, t, *, min_dim: int = 0, dim: int | None = None,
+                 dtypes=FLOAT_DTYPES, finite: bool = True) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has unsupported dtype {t.dtype}; expected one of {names}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(t.shape)}")
+    if t.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(t.shape)}")
+    if finite and t.numel() and t.is_floating_point() and finite_checks_enabled():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or Inf values")
+    return t
+
+
+def check_same_device(**tensors) -> torch.device:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"all tensors must be on one device; got {listing}")
+    return next(iter(devices))
+
+
+def check_positive(name: str, value, *, allow_zero: bool = False):
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, got {value}")
+    return value

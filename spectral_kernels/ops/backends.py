@@ -1,0 +1,88 @@
+"""Which backends exist here, and which one ``backend="auto"`` picks.
+
+A backend is a module with ``matmul``, ``logsumexp`` and ``symmetric_matmul`` taking the
+canonical layout of ``spectral_kernels.ops._layout``. Optional backends (triton, cuda)
+are imported lazily on first use, so importing the package never imports triton and
+never initialises CUDA; a backend that cannot load is simply absent.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+BACKEND_MODULES = {
+    "dense": "spectral_kernels.ops.reference",
+    "torch": "spectral_kernels.ops.blockwise",
+    "triton": "spectral_kernels.ops.triton_backend",
+    "cuda": "spectral_kernels.ops.cuda_backend",
+}
+BACKEND_NAMES = tuple(BACKEND_MODULES)
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run on CPU tensors through the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str):
+    """The backend module, or None when it cannot be imported here."""
+    try:
+        module = importlib.import_module(BACKEND_MODULES[name])
+    except ImportError:
+        return None
+    is_available = getattr(module, "is_available", None)
+    if is_available is not None and not is_available():
+        return None
+    return module
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process, in the order ``"auto"`` prefers them on a GPU."""
+    names = ["dense", "torch"]
+    if _load("triton") is not None and (torch.cuda.is_available() or triton_interpreted()):
+        names.append("triton")
+    if torch.cuda.is_available() and _load("cuda") is not None:
+        names.append("cuda")
+    return names
+
+
+def backend_supports(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+    if name in ("dense", "torch"):
+        return True
+    if dtype == torch.float64:
+        return False  # the GPU kernels accumulate in fp32 only
+    if name == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
+    return device.type == "cuda"
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype, shape_key=None):
+    """The backend module to run for these inputs; ``auto`` picks the fastest available."""
+    if backend not in BACKEND_NAMES and backend != "auto":
+        raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
+    if backend == "auto":
+        backend = _auto(device, dtype, shape_key)
+    if backend not in available_backends():
+        raise ValueError(f"backend {backend!r} is not available here (available: {available_backends()})")
+    if not backend_supports(backend, device, dtype):
+        raise ValueError(f"backend {backend!r} does not support {dtype} tensors on {device.type}")
+    return _load(backend)
+
+
+def _auto(device, dtype, shape_key):
+    if device.type != "cuda" or dtype == torch.float64:
+        return "torch"  # interpreted Triton is for tests, never the fast path on CPU
+    names = available_backends()
+    if "cuda" in names and "triton" in names:
+        chooser = getattr(_load("cuda"), "choose_over_triton", None)
+        if chooser is None or chooser(shape_key):
+            return "cuda"
+        return "triton"
+    for name in ("cuda", "triton"):
+        if name in names:
+            return name
+    return "torch"

@@ -1,0 +1,149 @@
+"""Blockwise torch backend: the primitive over row × column tiles of S = τ·Q·Kᵀ.
+
+Runs on any device torch supports (the default on CPU). Peak extra memory is one
+score tile per batch entry (``B·tile_rows·tile_cols``) plus the N×m accumulators;
+no N×M array is ever formed.
+
+Takes the canonical 4-D layout of ``spectral_kernels.ops._layout`` and works on the
+flattened (B = G·H, ...) batch internally.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._layout import compute_dtype as _compute_dtype, flat, reduce_heads, unflat
+
+__all__ = ["matmul", "logsumexp", "symmetric_matmul", "tile_sizes"]
+
+# Elements of one score tile across the whole batch. 2**22 fp32 = 16 MiB: big enough that
+# the per-tile Python overhead is negligible next to the matmul, small enough to stay in
+# the last-level cache on a server CPU and irrelevant on a GPU.
+TILE_ELEMENTS = 1 << 22
+
+
+def tile_sizes(batch: int, n: int, m: int, tile_elements: int = TILE_ELEMENTS) -> tuple[int, int]:
+    """Row and column tile sizes whose score tile holds ≤ ``tile_elements`` entries."""
+    per_batch = max(tile_elements // max(batch, 1), 64 * 64)
+    cols = min(max(m, 1), max(per_batch // 256, 64))
+    rows = min(max(n, 1), max(per_batch // cols, 1))
+    return rows, cols
+
+
+def _scores(q_blk, k_blk, scale, col_offset_blk):
+    """τ·q kᵀ − β_j for one tile, with the column offset fused into baddbmm."""
+    if col_offset_blk is None:
+        return torch.bmm(q_blk, k_blk.transpose(1, 2)).mul_(scale)
+    return torch.baddbmm(col_offset_blk.neg().unsqueeze(1), q_blk, k_blk.transpose(1, 2), alpha=scale)
+
+
+def _cast(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+def matmul(q, k, x, *, scale, row_offset=None, col_offset=None, normalize="none",
+           head_weights=None, tile_elements=TILE_ELEMENTS):
+    """Y_i = Σ_j exp(S_ij − α_i − β_j) X_j, or the softmax form; returns (Y, LSE or None)."""
+    groups = q.shape[0]
+    dtype = _compute_dtype(q, k, x)
+    q, k, x = flat(q).to(dtype), flat(k).to(dtype), flat(x).to(dtype)
+    row_offset, col_offset = _cast(flat(row_offset), dtype), _cast(flat(col_offset), dtype)
+    batch, n, _ = q.shape
+    m_cols, width = k.shape[1], x.shape[2]
+    y = torch.zeros(batch, n, width, dtype=dtype, device=q.device)
+    lse = torch.full((batch, n), -math.inf, dtype=dtype, device=q.device) if normalize == "row" else None
+    rows, cols = tile_sizes(batch, n, m_cols, tile_elements)
+    for i0 in range(0, n, rows):
+        i1 = min(i0 + rows, n)
+        q_blk = q[:, i0:i1]
+        if normalize == "row":
+            y[:, i0:i1], lse[:, i0:i1] = _online_softmax_rows(q_blk, k, x, scale, col_offset, cols)
+        else:
+            acc = y[:, i0:i1]
+            for j0 in range(0, m_cols, cols):
+                j1 = min(j0 + cols, m_cols)
+                s = _scores(q_blk, k[:, j0:j1], scale, None if col_offset is None else col_offset[:, j0:j1])
+                if row_offset is not None:
+                    s.sub_(row_offset[:, i0:i1, None])
+                acc.baddbmm_(s.exp_(), x[:, j0:j1])
+    if normalize == "row" and row_offset is not None:
+        y.mul_(torch.exp(-row_offset)[:, :, None])
+    return reduce_heads(unflat(y, groups), head_weights), (None if lse is None else unflat(lse, groups))
+
+
+def _online_softmax_rows(q_blk, k, x, scale, col_offset, cols):
+    """One row tile of softmax(S − β)·X in a single pass over column tiles (online max)."""
+    batch, rows = q_blk.shape[:2]
+    m_cols = k.shape[1]
+    dtype, device = q_blk.dtype, q_blk.device
+    running_max = torch.full((batch, rows, 1), -math.inf, dtype=dtype, device=device)
+    running_sum = torch.zeros(batch, rows, 1, dtype=dtype, device=device)
+    acc = torch.zeros(batch, rows, x.shape[2], dtype=dtype, device=device)
+    for j0 in range(0, m_cols, cols):
+        j1 = min(j0 + cols, m_cols)
+        s = _scores(q_blk, k[:, j0:j1], scale, None if col_offset is None else col_offset[:, j0:j1])
+        new_max = torch.maximum(running_max, s.amax(-1, keepdim=True))
+        # exp(-inf - -inf) is nan: rows that have seen nothing yet keep a zero correction.
+        correction = torch.exp(running_max - new_max).nan_to_num_(0.0)
+        p = s.sub_(new_max).exp_()
+        running_sum.mul_(correction).add_(p.sum(-1, keepdim=True))
+        acc.mul_(correction).baddbmm_(p, x[:, j0:j1])
+        running_max = new_max
+    lse = (running_max + running_sum.log()).squeeze(-1)
+    return acc.div_(running_sum.clamp_min(torch.finfo(dtype).tiny)), lse
+
+
+def logsumexp(q, k, *, scale, col_offset=None, tile_elements=TILE_ELEMENTS):
+    """r_i = log Σ_j exp(S_ij − β_j), accumulated tile by tile."""
+    groups = q.shape[0]
+    dtype = _compute_dtype(q, k)
+    q, k, col_offset = flat(q).to(dtype), flat(k).to(dtype), _cast(flat(col_offset), dtype)
+    batch, n, _ = q.shape
+    m_cols = k.shape[1]
+    out = torch.full((batch, n), -math.inf, dtype=dtype, device=q.device)
+    rows, cols = tile_sizes(batch, n, m_cols, tile_elements)
+    for i0 in range(0, n, rows):
+        i1 = min(i0 + rows, n)
+        for j0 in range(0, m_cols, cols):
+            j1 = min(j0 + cols, m_cols)
+            s = _scores(q[:, i0:i1], k[:, j0:j1], scale, None if col_offset is None else col_offset[:, j0:j1])
+            out[:, i0:i1] = torch.logaddexp(out[:, i0:i1], torch.logsumexp(s, dim=-1))
+    return unflat(out, groups)
+
+
+def _same_tensor(a, b):
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
+def symmetric_matmul(q, k, x, *, scale, offset=None, head_weights=None,
+                     tile_elements=TILE_ELEMENTS):
+    """½(E + Eᵀ)·X, E_ij = exp(S_ij − a_i − a_j), in one pass over the S tiles.
+
+    Each tile feeds both the row accumulator (E·X) and the column accumulator (Eᵀ·X).
+    When q and k are the same tensor (VV graphs) S is symmetric, so only the tiles on or
+    above the diagonal are computed and each off-diagonal tile is used twice.
+    """
+    groups = q.shape[0]
+    dtype = _compute_dtype(q, k, x)
+    symmetric_scores = _same_tensor(q, k)
+    q, k, x, offset = flat(q).to(dtype), flat(k).to(dtype), flat(x).to(dtype), _cast(flat(offset), dtype)
+    batch, n, _ = q.shape
+    y = torch.zeros(batch, n, x.shape[2], dtype=dtype, device=q.device)
+    tile = max(1, int(math.isqrt(max(tile_elements // max(batch, 1), 1))))
+    tile = min(max(tile, 64), max(n, 1))
+    for i0 in range(0, n, tile):
+        i1 = min(i0 + tile, n)
+        for j0 in range(i0 if symmetric_scores else 0, n, tile):
+            j1 = min(j0 + tile, n)
+            s = _scores(q[:, i0:i1], k[:, j0:j1], scale, None if offset is None else offset[:, j0:j1])
+            if offset is not None:
+                s.sub_(offset[:, i0:i1, None])
+            p = s.exp_()
+            y[:, i0:i1].baddbmm_(p, x[:, j0:j1])
+            if symmetric_scores and j0 == i0:
+                continue  # diagonal tile of a symmetric S: Eᵀ·X equals E·X here
+            y[:, j0:j1].baddbmm_(p.transpose(1, 2), x[:, i0:i1])
+    if not symmetric_scores:
+        y.mul_(0.5)
+    return reduce_heads(unflat(y, groups), head_weights)
