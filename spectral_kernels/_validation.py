@@ -26,7 +26,14 @@ def check_tensor(name: str, t, *, min_dim: int = 0, dim: int | None = None,
         raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(t.shape)}")
     if t.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(t.shape)}")
-    if finite and t.numel() and t.is_floating_point() and finite_checks_enabled():
+    if finite:
+        check_finite(name, t)
+    return t
+
+
+def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Raise if t holds NaN/Inf (skipped for meta tensors and when checks are disabled)."""
+    if t.numel() and t.is_floating_point() and t.device.type != "meta" and finite_checks_enabled():
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or Inf values")
     return t

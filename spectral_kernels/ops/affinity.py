@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validation import check_same_device, check_tensor
+from .._validation import check_finite, check_same_device, check_tensor
 from . import backends
 from ._layout import compute_dtype
 
@@ -63,8 +63,8 @@ def _broadcast_batch(name, shape, batch):
 def _offset(name, t, batch, length, device, dtype):
     if t is None:
         return None
-    check_tensor(name, t, min_dim=1)
-    check_same_device(**{name: t, "q": torch.empty(0, device=device)})
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have shape (..., {length}), got a scalar")
     if t.shape[-1] != length:
         raise ValueError(f"{name} must have shape (..., {length}) matching the tokens, got {tuple(t.shape)}")
     _broadcast_batch(name, t.shape[:-1], batch)
@@ -72,12 +72,19 @@ def _offset(name, t, batch, length, device, dtype):
 
 
 def _layout(q, k, x, scale, row_offset=None, col_offset=None, head_weights=None, *, square=False):
-    check_tensor("q", q, min_dim=2)
-    check_tensor("k", k, min_dim=2)
+    check_tensor("q", q, min_dim=2, finite=False)
+    check_tensor("k", k, min_dim=2, finite=False)
     if x is not None:
-        check_tensor("x", x, min_dim=2)
+        check_tensor("x", x, min_dim=2, finite=False)
+    for name, t in (("row_offset", row_offset), ("col_offset", col_offset), ("head_weights", head_weights)):
+        if t is not None:
+            check_tensor(name, t, finite=False)
     device = check_same_device(q=q, k=k, x=x, row_offset=row_offset, col_offset=col_offset,
                                head_weights=head_weights)
+    for name, t in (("q", q), ("k", k), ("x", x), ("row_offset", row_offset), ("col_offset", col_offset),
+                    ("head_weights", head_weights)):
+        if t is not None:
+            check_finite(name, t)
     if q.dtype != k.dtype:
         raise TypeError(f"q and k must have the same dtype, got {q.dtype} and {k.dtype}")
     n, d = q.shape[-2:]
@@ -99,7 +106,8 @@ def _layout(q, k, x, scale, row_offset=None, col_offset=None, head_weights=None,
     offset_dtype = compute_dtype(q, k, x)
 
     if head_weights is not None:
-        check_tensor("head_weights", head_weights, dim=1)
+        if head_weights.dim() != 1:
+            raise ValueError(f"head_weights must be 1-D (one weight per head), got shape {tuple(head_weights.shape)}")
         if not batch or head_weights.shape[0] != batch[-1]:
             raise ValueError(f"head_weights must have one weight per head (q/k dimension -3 = "
                              f"{batch[-1] if batch else 'absent'}), got shape {tuple(head_weights.shape)}")
