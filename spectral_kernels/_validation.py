@@ -1,6 +1,8 @@
 """Input checks shared by every public entry point: clear errors that name the argument."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 
 import torch
@@ -8,11 +10,25 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+_FINITE_CHECKS = contextvars.ContextVar("spectral_kernels_finite_checks", default=True)
+
+
 def finite_checks_enabled() -> bool:
     """NaN/Inf scans cost one pass and (on a GPU) one sync; SPECTRAL_KERNELS_CHECK_FINITE=0 skips them."""
-    if os.environ.get("SPECTRAL_KERNELS_CHECK_FINITE", "1") == "0":
+    if not _FINITE_CHECKS.get() or os.environ.get("SPECTRAL_KERNELS_CHECK_FINITE", "1") == "0":
         return False
     return not torch.compiler.is_compiling()
+
+
+@contextlib.contextmanager
+def finite_checks(enabled: bool):
+    """Turn the per-call NaN/Inf scans on or off inside a block (e.g. a solver's hot loop
+    whose inputs were scanned once up front); thread- and task-local."""
+    token = _FINITE_CHECKS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _FINITE_CHECKS.reset(token)
 
 
 def check_tensor(name: str, t, *, min_dim: int = 0, dim: int | None = None,
