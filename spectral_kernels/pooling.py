@@ -14,6 +14,7 @@ Extra tokens are handled explicitly by ``extra_tokens``:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,12 @@ def adaptive_pool_matrix(out_size: int, in_size: int, *, dtype=torch.float32, de
     mask = (cols[None, :] >= start[:, None]) & (cols[None, :] < end[:, None])
     mat = mask.to(torch.float64) / (end - start).to(torch.float64)[:, None]
     return mat.to(dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_pool_matrix(out_size: int, in_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Built once per (sizes, dtype, device): rebuilding costs a host-to-device copy per call on a GPU.
+    return adaptive_pool_matrix(out_size, in_size, dtype=dtype, device=device)
 
 
 @dataclass(frozen=True)
@@ -66,9 +73,8 @@ class GridPooling:
         return self.grid == self.base_grid and self.n_tokens == self.n_base
 
     def _mats(self, x):
-        ph = adaptive_pool_matrix(self.grid[0], self.base_grid[0], dtype=x.dtype, device=x.device)
-        pw = adaptive_pool_matrix(self.grid[1], self.base_grid[1], dtype=x.dtype, device=x.device)
-        return ph, pw
+        return (_cached_pool_matrix(self.grid[0], self.base_grid[0], x.dtype, x.device),
+                _cached_pool_matrix(self.grid[1], self.base_grid[1], x.dtype, x.device))
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """(..., h0·w0, K) → (..., n_tokens, K)."""
