@@ -15,9 +15,9 @@ _FINITE_CHECKS = contextvars.ContextVar("spectral_kernels_finite_checks", defaul
 
 def finite_checks_enabled() -> bool:
     """NaN/Inf scans cost one pass and (on a GPU) one sync; SPECTRAL_KERNELS_CHECK_FINITE=0 skips them."""
-    if not _FINITE_CHECKS.get() or os.environ.get("SPECTRAL_KERNELS_CHECK_FINITE", "1") == "0":
-        return False
-    return not torch.compiler.is_compiling()
+    if torch.compiler.is_compiling():
+        return False  # checked first: Dynamo cannot trace ContextVar.get
+    return _FINITE_CHECKS.get() and os.environ.get("SPECTRAL_KERNELS_CHECK_FINITE", "1") != "0"
 
 
 @contextlib.contextmanager

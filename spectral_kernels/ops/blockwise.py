@@ -60,13 +60,16 @@ def matmul(q, k, x, *, scale, row_offset=None, col_offset=None, normalize="none"
         if normalize == "row":
             y[:, i0:i1], lse[:, i0:i1] = _online_softmax_rows(q_blk, k, x, scale, col_offset, cols)
         else:
-            acc = y[:, i0:i1]
+            # A contiguous accumulator: baddbmm_ into a strided slice of y is several times
+            # slower on CPU (it falls back to one gemm per batch entry).
+            acc = torch.zeros(batch, i1 - i0, width, dtype=dtype, device=q.device)
             for j0 in range(0, m_cols, cols):
                 j1 = min(j0 + cols, m_cols)
                 s = _scores(q_blk, k[:, j0:j1], scale, None if col_offset is None else col_offset[:, j0:j1])
                 if row_offset is not None:
                     s.sub_(row_offset[:, i0:i1, None])
                 acc.baddbmm_(s.exp_(), x[:, j0:j1])
+            y[:, i0:i1] = acc
     if normalize == "row" and row_offset is not None:
         y.mul_(torch.exp(-row_offset)[:, :, None])
     return reduce_heads(unflat(y, groups), head_weights), (None if lse is None else unflat(lse, groups))
@@ -140,10 +143,12 @@ def symmetric_matmul(q, k, x, *, scale, offset=None, head_weights=None,
             if offset is not None:
                 s.sub_(offset[:, i0:i1, None])
             p = s.exp_()
-            y[:, i0:i1].baddbmm_(p, x[:, j0:j1])
+            # bmm into a fresh tensor then add: baddbmm_ into a strided slice of y falls back
+            # to one gemm per batch entry on CPU.
+            y[:, i0:i1] += torch.bmm(p, x[:, j0:j1])
             if symmetric_scores and j0 == i0:
                 continue  # diagonal tile of a symmetric S: Eᵀ·X equals E·X here
-            y[:, j0:j1].baddbmm_(p.transpose(1, 2), x[:, i0:i1])
+            y[:, j0:j1] += torch.bmm(p.transpose(1, 2), x[:, i0:i1])
     if not symmetric_scores:
         y.mul_(0.5)
     return reduce_heads(unflat(y, groups), head_weights)
