@@ -77,12 +77,9 @@ def _auto(device, dtype, shape_key):
     if device.type != "cuda" or dtype == torch.float64:
         return "torch"  # interpreted Triton is for tests, never the fast path on CPU
     names = available_backends()
-    if "cuda" in names and "triton" in names:
-        chooser = getattr(_load("cuda"), "choose_over_triton", None)
-        if chooser is None or chooser(shape_key):
+    if "cuda" in names:
+        # choose_over_triton measures once per shape (cached) and says False for shapes the
+        # cuda kernels cannot run (d > 256, ...); those go to triton, or torch without it.
+        if _load("cuda").choose_over_triton(shape_key):
             return "cuda"
-        return "triton"
-    for name in ("cuda", "triton"):
-        if name in names:
-            return name
-    return "torch"
+    return "triton" if "triton" in names else "torch"

@@ -1,0 +1,188 @@
+"""CUDA backend: the hand-written kernels of csrc/, loaded from ``spectral_kernels._cuda``.
+
+The extension is optional (setup.py builds it only where torch has CUDA and nvcc exists),
+so it is imported lazily and its absence is never an error: ``is_available()`` is then
+False and the backend registry leaves "cuda" out.
+
+The functions take the canonical layout of ``spectral_kernels.ops._layout`` and adapt it
+to what the kernels need: contiguous tensors, X cast to q's dtype and kept un-expanded
+when it is shared by the heads, float32 offsets and weights, and for 16-bit inputs the
+feature dimension and X's width zero-padded to multiples of 8 (16-byte rows; zero
+features leave q·k unchanged, zero columns are sliced off the result).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["is_available", "matmul", "logsumexp", "symmetric_matmul", "choose_over_triton", "MAX_HEAD_DIM"]
+
+MAX_HEAD_DIM = 256  # the kernels are templated on d padded to 32, 64, 128 or 256
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_VECTOR_ELEMENTS = 8  # 16 bytes of fp16/bf16: the unit of the kernels' shared-memory loads
+
+
+@functools.lru_cache(maxsize=None)
+def _extension():
+    """The compiled module, or None when it was not built or cannot load here."""
+    try:
+        return importlib.import_module("spectral_kernels._cuda")
+    except (ImportError, OSError):
+        return None
+
+
+def is_available() -> bool:
+    """True when the extension loaded and a CUDA device is present (never raises)."""
+    try:
+        return _extension() is not None and torch.cuda.is_available()
+    except Exception:  # a broken driver must not break `import spectral_kernels`
+        return False
+
+
+def _ext():
+    ext = _extension()
+    if ext is None:
+        raise RuntimeError("the CUDA extension spectral_kernels._cuda is not built; "
+                           "reinstall with CUDA torch and nvcc present (pip install -e .)")
+    return ext
+
+
+# --------------------------------------------------------------------------- input adaptation
+def _check_features(q):
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"the cuda backend supports q/k of dtype {SUPPORTED_DTYPES}, got {q.dtype}")
+    d = q.shape[-1]
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"the cuda backend supports a feature dimension d ≤ {MAX_HEAD_DIM}, got d = {d}; "
+                         f'use backend="triton" or "torch"')
+
+
+def _pad_last(t, multiple):
+    extra = (-t.shape[-1]) % multiple
+    return F.pad(t, (0, extra)) if extra else t
+
+
+def _aligned(t):
+    """Contiguous with a 16-byte aligned start (a view may begin mid-vector)."""
+    t = t.contiguous()
+    return t.clone() if t.data_ptr() % 16 else t
+
+
+def _features(t):
+    """q or k as the kernels read it: contiguous, d padded to 8 for 16-bit types."""
+    if t.dtype != torch.float32:
+        t = _pad_last(t, _VECTOR_ELEMENTS)
+    return _aligned(t)
+
+
+def _right_hand_side(x, dtype):
+    """X in q's dtype, (G, 1, M, m) when shared by the heads, width padded for 16-bit."""
+    if x.shape[1] == 1 or x.stride(1) == 0:
+        x = x[:, :1]
+    x = x.to(dtype)
+    if dtype != torch.float32:
+        x = _pad_last(x, _VECTOR_ELEMENTS)
+    return _aligned(x)
+
+
+def _float32(t):
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+def _same_tensor(a, b):
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                      and a.dtype == b.dtype)
+
+
+# --------------------------------------------------------------------------- backend contract
+def matmul(q, k, x, *, scale, row_offset=None, col_offset=None, normalize="none", head_weights=None):
+    """Y = Σ_j exp(S_ij − α_i − β_j) X_j or the row softmax form; returns (Y fp32, LSE or None)."""
+    _check_features(q)
+    width = x.shape[-1]
+    y, lse = _ext().affinity_matmul(_features(q), _features(k), _right_hand_side(x, q.dtype),
+                                    _float32(row_offset), _float32(col_offset), _float32(head_weights),
+                                    float(scale), normalize == "row")
+    return y[..., :width], (lse if normalize == "row" else None)
+
+
+def logsumexp(q, k, *, scale, col_offset=None):
+    """r_i = log Σ_j exp(S_ij − β_j), (G, H, N) fp32."""
+    _check_features(q)
+    return _ext().affinity_logsumexp(_features(q), _features(k), _float32(col_offset), float(scale))
+
+
+def symmetric_matmul(q, k, x, *, scale, offset=None, head_weights=None):
+    """½(E + Eᵀ)·X with E_ij = exp(S_ij − a_i − a_j), one pass; half the tiles when q is k."""
+    _check_features(q)
+    same = _same_tensor(q, k)
+    qc = _features(q)
+    kc = qc if same else _features(k)
+    width = x.shape[-1]
+    y = _ext().affinity_symmetric_matmul(qc, kc, _right_hand_side(x, q.dtype), _float32(offset),
+                                         _float32(head_weights), float(scale), same)
+    return y[..., :width]
+
+
+# --------------------------------------------------------------------------- auto selection
+_CHOICES: dict = {}
+_TIMED_RUNS = 3
+
+
+def _median_ms(fn, runs=_TIMED_RUNS):
+    fn()  # warm-up: compilation, autotuning, allocator
+    times = []
+    for _ in range(runs):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return sorted(times)[len(times) // 2]
+
+
+def _timing_problem(shape_key):
+    """Random inputs shaped like the call being dispatched (the op the key describes)."""
+    batch, n, m_keys, d, width, dtype = shape_key
+    device = torch.device("cuda", torch.cuda.current_device())
+    q = torch.randn(1, batch, n, d, device=device, dtype=dtype)
+    k = torch.randn(1, batch, m_keys, d, device=device, dtype=dtype)
+    scale = d ** -0.5
+    if width is None:
+        return lambda backend: backend.logsumexp(q, k, scale=scale)
+    x = torch.randn(1, batch, m_keys, width, device=device, dtype=dtype)
+    return lambda backend: backend.matmul(q, k, x, scale=scale, normalize="row")
+
+
+def choose_over_triton(shape_key) -> bool:
+    """True when this backend beats triton on problems of this shape (timed once, cached).
+
+    shape_key is ``(G·H, N, M, d, m or None, dtype)`` as built by ``ops.affinity``; the
+    row-softmax product (or the log-sum-exp when m is None) is timed with CUDA events on
+    random inputs of that shape. A backend that fails on the shape loses.
+    """
+    if shape_key in _CHOICES:
+        return _CHOICES[shape_key]
+    from . import backends
+
+    triton_backend = backends._load("triton")
+    choice = True
+    try:
+        _, _, _, d, _, dtype = shape_key
+        if dtype not in SUPPORTED_DTYPES or d > MAX_HEAD_DIM:
+            choice = False
+        elif triton_backend is not None:
+            run = _timing_problem(shape_key)
+            cuda_ms = _median_ms(lambda: run(importlib.import_module(__name__)))
+            try:
+                triton_ms = _median_ms(lambda: run(triton_backend))
+            except Exception:
+                triton_ms = float("inf")
+            choice = cuda_ms <= triton_ms
+    except Exception:
+        choice = False  # the cuda kernels failed on this shape: let triton have it
+    _CHOICES[shape_key] = choice
+    return choice
