@@ -1,0 +1,290 @@
+"""Triton backend of the primitive: launchers and the three backend functions.
+
+The kernels live in ``spectral_kernels.ops.triton_kernels``; this module autotunes them,
+validates the canonical layout (``spectral_kernels.ops._layout``), allocates the fp32
+outputs and launches them. Inputs are passed by strides (no copies), so X may be a
+stride-0 view over the heads and offsets may be broadcast views.
+
+On a GPU every kernel is autotuned over a few tile shapes, keyed on N, M, d, m, the
+dtypes and the kernel variant. Under TRITON_INTERPRET=1 (tests on CPU) exactly one
+small configuration is used and CPU tensors are accepted.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+
+    from . import triton_kernels as _k
+except ImportError:  # triton missing: the backend registry sees is_available() False
+    triton = None
+    _k = None
+
+__all__ = ["matmul", "logsumexp", "symmetric_matmul", "is_available"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def is_available() -> bool:
+    """True when triton imports (a GPU, or the interpreter, is checked by the registry)."""
+    return triton is not None
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------- autotuning
+# (BLOCK_ROWS, BLOCK_COLS, num_warps, num_stages): FlashAttention-2/3 shapes for Hopper;
+# the first entry is the untuned default.
+_ROW_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
+# Symmetric product (BLOCK_ROWS, BLOCK_COLS, num_warps, num_stages), rows a multiple of
+# columns: tall row blocks cut the column atomics (N²·m/BLOCK_ROWS in total).
+_SYMMETRIC_CONFIGS = [(128, 64, 8, 2), (256, 64, 8, 2), (128, 128, 8, 2), (256, 64, 8, 3), (128, 64, 4, 3),
+                      (64, 64, 4, 3)]
+_INTERPRETER_BLOCK = 16
+
+
+def _autotune_enabled() -> bool:
+    """SPECTRAL_KERNELS_TRITON_AUTOTUNE=0 runs the default tile shape only (fast compiles for tests)."""
+    return os.environ.get("SPECTRAL_KERNELS_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _row_configs(tuned):
+    if _interpreted():
+        return [triton.Config({"BLOCK_ROWS": _INTERPRETER_BLOCK, "BLOCK_COLS": _INTERPRETER_BLOCK},
+                              num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_ROWS": r, "BLOCK_COLS": c}, num_warps=w, num_stages=s)
+            for r, c, w, s in (_ROW_CONFIGS if tuned else _ROW_CONFIGS[:1])]
+
+
+def _symmetric_configs(tuned):
+    if _interpreted():
+        # Rows = 2 × columns: the interpreter tests cover a diagonal band of several tiles.
+        return [triton.Config({"BLOCK_ROWS": 2 * _INTERPRETER_BLOCK, "BLOCK_COLS": _INTERPRETER_BLOCK},
+                              num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_ROWS": r, "BLOCK_COLS": c}, num_warps=w, num_stages=s)
+            for r, c, w, s in (_SYMMETRIC_CONFIGS if tuned else _SYMMETRIC_CONFIGS[:1])]
+
+
+def _fits_registers(configs, named_args, **kwargs):
+    """For wide features (d > 128; X is sliced to m ≤ 128 by the launchers) keep only short
+    row blocks and two stages, so the Q tile and the K pipeline fit."""
+    width = kwargs.get("BLOCK_D", 16)
+    if width <= 128:
+        return configs
+
+    def rows(c):
+        return c.kwargs["BLOCK_ROWS"]
+
+    small = [c for c in configs if rows(c) * width <= 64 * 256 and c.num_stages <= 2]
+    return small or [min(configs, key=rows)]
+
+
+def _even(size, block):
+    return lambda args: args[size] % args[block] == 0
+
+
+def _tuned_kernels(tuned):
+    """(row product, logsumexp, symmetric) wrapped in autotune + the EVEN_* heuristics."""
+    prune = {"early_config_prune": _fits_registers}
+    even_rows_cols = triton.heuristics({"EVEN_ROWS": _even("N", "BLOCK_ROWS"), "EVEN_COLS": _even("M", "BLOCK_COLS")})
+    row_product = triton.autotune(
+        configs=_row_configs(tuned), prune_configs_by=prune,
+        key=["N", "M", "D", "W", "HAS_ROW_OFFSET", "HAS_COL_OFFSET", "NORMALIZE", "HEAD_SUM", "RAW_MAX", "PX_MODE"],
+    )(even_rows_cols(_k._row_product_kernel))
+    logsumexp = triton.autotune(
+        configs=_row_configs(tuned), prune_configs_by=prune, key=["N", "M", "D", "HAS_COL_OFFSET"],
+    )(even_rows_cols(_k._logsumexp_kernel))
+    symmetric = triton.autotune(
+        configs=_symmetric_configs(tuned), prune_configs_by=prune,
+        key=["N", "D", "W", "HAS_OFFSET", "HEAD_SUM", "SAME_QK", "PX_MODE"], reset_to_zero=["Y"],
+    )(triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_ROWS"] == 0
+                         and args["N"] % args["BLOCK_COLS"] == 0})(_k._symmetric_kernel))
+    return row_product, logsumexp, symmetric
+
+
+if triton is not None:
+    _KERNELS = {True: _tuned_kernels(True), False: _tuned_kernels(False)}
+
+
+def _kernels():
+    return _KERNELS[_autotune_enabled()]
+
+
+# --------------------------------------------------------------------------- validation
+def _check_tensor(name, t, ndim):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; the triton backend supports float16, bfloat16 "
+                        f"and float32 (use backend='torch' or 'dense' for float64)")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions (canonical layout), got shape {tuple(t.shape)}")
+
+
+def _check_device(**tensors):
+    interpreted = _interpreted()
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if interpreted and t.device.type != "cpu":
+            raise ValueError(f"{name} must be on the CPU under TRITON_INTERPRET=1, got {t.device}")
+        if not interpreted and t.device.type != "cuda":
+            raise ValueError(f"{name} is on {t.device}; the triton backend needs CUDA tensors "
+                             f"(or TRITON_INTERPRET=1 for CPU tests)")
+
+
+def _check_layout(q, k, x=None, *, row_offset=None, col_offset=None, head_weights=None):
+    """Validate the canonical 4-D layout; returns (G, H, N, M, d, m or None)."""
+    _check_tensor("q", q, 4)
+    _check_tensor("k", k, 4)
+    g, h, n, d = q.shape
+    m_tokens = k.shape[2]
+    if k.shape[:2] != (g, h) or k.shape[3] != d:
+        raise ValueError(f"k must have shape ({g}, {h}, M, {d}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if d < 1:
+        raise ValueError("q and k must have at least one feature (d ≥ 1)")
+    width = None
+    if x is not None:
+        _check_tensor("x", x, 4)
+        if x.shape[0] != g or x.shape[1] not in (1, h) or x.shape[2] != m_tokens:
+            raise ValueError(f"x must have shape ({g}, {h} or 1, {m_tokens}, m), got {tuple(x.shape)}")
+        width = x.shape[3]
+    for name, t, length in (("row_offset", row_offset, n), ("col_offset", col_offset, m_tokens)):
+        if t is not None:
+            _check_tensor(name, t, 3)
+            if tuple(t.shape) != (g, h, length):
+                raise ValueError(f"{name} must have shape ({g}, {h}, {length}), got {tuple(t.shape)}")
+    if head_weights is not None:
+        _check_tensor("head_weights", head_weights, 1)
+        if head_weights.shape[0] != h:
+            raise ValueError(f"head_weights must have {h} entries (one per head), got {head_weights.shape[0]}")
+    _check_device(q=q, k=k, x=x, row_offset=row_offset, col_offset=col_offset, head_weights=head_weights)
+    return g, h, n, m_tokens, d, width
+
+
+# --------------------------------------------------------------------------- launch helpers
+def _block(size):
+    """Power-of-two tile width ≥ 16 (tl.dot's minimum) covering ``size``."""
+    return max(16, triton.next_power_of_2(size))
+
+
+def _px_mode(x_dtype):
+    return {torch.float32: _k.PX_FP32, torch.bfloat16: _k.PX_BF16, torch.float16: _k.PX_FP16}[x_dtype]
+
+
+def _dtype_flags(q, x=None):
+    """Constexprs choosing dot precision and the interpreter's bf16 widening."""
+    flags = {"QK_IEEE": q.dtype == torch.float32,
+             "UPCAST_BF16": _interpreted() and (q.dtype == torch.bfloat16
+                                                or (x is not None and x.dtype == torch.bfloat16))}
+    if x is not None:
+        flags["PX_MODE"] = _px_mode(x.dtype)
+    return flags
+
+
+def _strides(t, ndim):
+    """t's strides, or zeros for an absent optional tensor (never dereferenced)."""
+    return tuple(t.stride()) if t is not None else (0,) * ndim
+
+
+def _ptr(t, fallback):
+    # An absent optional operand still needs a pointer argument; its constexpr flag keeps
+    # the kernel from reading it.
+    return t if t is not None else fallback
+
+
+def _width_chunks(width):
+    """Column ranges of X processed per launch: an fp32 accumulator of BLOCK_ROWS × m must
+    stay in registers, so wide X (m > 128) is done in slices, recomputing the exponentials
+    (the interpreter uses 16 so that the tests exercise the slicing)."""
+    step = 16 if _interpreted() else 128
+    return [(c0, min(c0 + step, width)) for c0 in range(0, width, step)]
+
+
+def _grid(entries, n, block_name):
+    return lambda meta: (triton.cdiv(n, meta[block_name]) * entries,)
+
+
+def _same_tensor(a, b):
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
+
+
+# --------------------------------------------------------------------------- backend functions
+def matmul(q, k, x, *, scale, row_offset=None, col_offset=None, normalize="none", head_weights=None):
+    """Y_i = Σ_j exp(τ q_i·k_j − α_i − β_j)·X_j, or softmax rows; returns (Y fp32, LSE or None).
+
+    Canonical layout in, Y (G, H, N, m), or (G, N, m) = Σ_h w_h·Y_h with ``head_weights``;
+    with normalize="row" also the row LSE (G, H, N) of S − β.
+    """
+    if normalize not in ("none", "row"):
+        raise ValueError(f"normalize must be 'none' or 'row', got {normalize!r}")
+    g, h, n, m_tokens, d, width = _check_layout(q, k, x, row_offset=row_offset, col_offset=col_offset,
+                                                head_weights=head_weights)
+    x = x.expand(g, h, m_tokens, width)
+    head_sum = head_weights is not None
+    y = torch.empty((g, n, width) if head_sum else (g, h, n, width), dtype=torch.float32, device=q.device)
+    y_strides = (y.stride(0), 0, y.stride(1), y.stride(2)) if head_sum else y.stride()
+    lse = torch.empty((g, h, n), dtype=torch.float32, device=q.device) if normalize == "row" else None
+    if n == 0 or m_tokens == 0 or width == 0:  # nothing to launch; an empty sum is 0, its log −inf
+        return y.zero_(), (None if lse is None else lse.fill_(float("-inf")))
+    kernel = _kernels()[0]
+    for c0, c1 in _width_chunks(width):
+        kernel[_grid(g if head_sum else g * h, n, "BLOCK_ROWS")](
+            q, k, x[..., c0:c1], _ptr(row_offset, q), _ptr(col_offset, q), _ptr(head_weights, q),
+            y[..., c0:c1], _ptr(lse, y),
+            *q.stride(), *k.stride(), *x.stride(), *_strides(row_offset, 3), *_strides(col_offset, 3),
+            *y_strides, *_strides(lse, 3),
+            h, n, m_tokens, float(scale) * _k.LOG2E,
+            D=d, W=c1 - c0, HAS_ROW_OFFSET=row_offset is not None, HAS_COL_OFFSET=col_offset is not None,
+            NORMALIZE=normalize == "row", HEAD_SUM=head_sum,
+            RAW_MAX=normalize == "row" and col_offset is None and scale > 0,
+            BLOCK_D=_block(d), BLOCK_W=_block(c1 - c0), **_dtype_flags(q, x))
+    return y, lse
+
+
+def logsumexp(q, k, *, scale, col_offset=None):
+    """r_i = log Σ_j exp(τ q_i·k_j − β_j), (G, H, N) fp32, in one online pass."""
+    g, h, n, m_tokens, d, _ = _check_layout(q, k, col_offset=col_offset)
+    lse = torch.empty((g, h, n), dtype=torch.float32, device=q.device)
+    if n == 0 or m_tokens == 0:
+        return lse.fill_(float("-inf"))
+    _kernels()[1][_grid(g * h, n, "BLOCK_ROWS")](
+        q, k, _ptr(col_offset, q), lse,
+        *q.stride(), *k.stride(), *_strides(col_offset, 3), *lse.stride(),
+        h, n, m_tokens, float(scale) * _k.LOG2E,
+        D=d, HAS_COL_OFFSET=col_offset is not None, BLOCK_D=_block(d), **_dtype_flags(q))
+    return lse
+
+
+def symmetric_matmul(q, k, x, *, scale, offset=None, head_weights=None):
+    """½(E + Eᵀ)·X with E_ij = exp(τ q_i·k_j − a_i − a_j), one pass over the score tiles.
+
+    When q and k are the same tensor (same storage, shape and strides) only the tiles on
+    or above the diagonal are computed. Returns (G, H, N, m), or (G, N, m) with weights.
+    """
+    g, h, n, m_tokens, d, width = _check_layout(q, k, x, row_offset=offset, head_weights=head_weights)
+    if m_tokens != n:
+        raise ValueError(f"the symmetric product needs q and k with the same number of tokens, got {n} and {m_tokens}")
+    x = x.expand(g, h, n, width)
+    head_sum = head_weights is not None
+    y = torch.zeros((g, n, width) if head_sum else (g, h, n, width), dtype=torch.float32, device=q.device)
+    if n == 0 or width == 0:
+        return y
+    y_strides = (y.stride(0), 0, y.stride(1), y.stride(2)) if head_sum else y.stride()
+    kernel = _kernels()[2]
+    for c0, c1 in _width_chunks(width):
+        # Autotuning trials add into Y; reset_to_zero=["Y"] zeroes this slice before each
+        # trial and again before the real launch (Triton 3.6 and 3.9 alike).
+        kernel[_grid(g if head_sum else g * h, n, "BLOCK_ROWS")](
+            q, k, x[..., c0:c1], _ptr(offset, q), _ptr(head_weights, q), y[..., c0:c1],
+            *q.stride(), *k.stride(), *x.stride(), *_strides(offset, 3), *y_strides,
+            h, n, float(scale) * _k.LOG2E,
+            D=d, W=c1 - c0, HAS_OFFSET=offset is not None, HEAD_SUM=head_sum, SAME_QK=_same_tensor(q, k),
+            BLOCK_D=_block(d), BLOCK_W=_block(c1 - c0), **_dtype_flags(q, x))
+    return y

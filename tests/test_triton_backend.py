@@ -1,0 +1,403 @@
+"""The Triton kernels themselves against the dense float64 reference.
+
+On CPU they run under TRITON_INTERPRET=1 (set by conftest.py) with one small tile
+configuration (16×16 for the row product, 32 rows × 16 columns for the symmetric one, X
+sliced into 16-column launches), so shapes of 1, 7 and 33 tokens cover single partial
+tiles, several tiles and a ragged last tile, 32 the unmasked (even) paths, m = 20 two
+slices of X, and the symmetric q-is-k walk a diagonal band of two tiles. Tests marked
+``gpu`` run larger shapes with the compiled, autotuned kernels on a CUDA device.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from spectral_kernels.ops import (affinity_logsumexp, affinity_matmul, affinity_symmetric_matmul,
+                                  available_backends)
+from spectral_kernels.ops import reference
+
+tb = pytest.importorskip("spectral_kernels.ops.triton_backend")
+
+pytestmark = pytest.mark.skipif("triton" not in available_backends(),
+                                reason="triton backend unavailable (no GPU and no TRITON_INTERPRET)")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SIZES = (1, 7, 33)
+# (d, m) pairs. d and m are compile-time constants, so on a GPU every pair is a compile
+# (slow for fp32 ieee dots): there, two pairs cover the masked and the narrow cases.
+FEATURE_WIDTHS = ([(d, m) for d in (1, 40) for m in (1, 3, 20)] if DEVICE == "cpu"
+                  else [(1, 3), (40, 20)])
+
+
+def _randn(rng, *shape, dtype=torch.float32, std=1.0):
+    return (torch.randn(*shape, generator=rng, dtype=torch.float64) * std).to(device=DEVICE, dtype=dtype)
+
+
+def _err(y, y_ref):
+    """Max error relative to the reference's largest entry."""
+    y_ref = y_ref.double().cpu()
+    return ((y.double().cpu() - y_ref).abs().max() / y_ref.abs().max().clamp_min(1e-30)).item()
+
+
+def _f64(*tensors):
+    return [None if t is None else t.double().cpu() for t in tensors]
+
+
+# --------------------------------------------------------------------------- fp32, direct backend calls
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("m_tokens", SIZES)
+@pytest.mark.parametrize("d,width", FEATURE_WIDTHS)
+def test_matmul_and_logsumexp_match_reference(rng, n, m_tokens, d, width):
+    q, k = _randn(rng, 1, 2, n, d), _randn(rng, 1, 2, m_tokens, d)
+    x = _randn(rng, 1, 2, m_tokens, width)
+    alpha, beta = _randn(rng, 1, 2, n), _randn(rng, 1, 2, m_tokens)
+    scale = 1.0 / math.sqrt(d)
+    for normalize in ("none", "row"):
+        y, lse = tb.matmul(q, k, x, scale=scale, row_offset=alpha, col_offset=beta, normalize=normalize)
+        y_ref, lse_ref = reference.matmul(*_f64(q, k, x), scale=scale, row_offset=alpha.double().cpu(),
+                                          col_offset=beta.double().cpu(), normalize=normalize)
+        assert y.dtype == torch.float32 and y.shape == (1, 2, n, width)
+        assert _err(y, y_ref) < 1e-5, normalize
+        if normalize == "row":
+            torch.testing.assert_close(lse.double().cpu(), lse_ref, rtol=1e-5, atol=1e-5)
+        else:
+            assert lse is None
+    r = tb.logsumexp(q, k, scale=scale, col_offset=beta)
+    r_ref = reference.logsumexp(*_f64(q, k), scale=scale, col_offset=beta.double().cpu())
+    torch.testing.assert_close(r.double().cpu(), r_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", SIZES + (32,))
+@pytest.mark.parametrize("shared", (True, False), ids=("q_is_k", "q_ne_k"))
+@pytest.mark.parametrize("width", (1, 20))
+def test_symmetric_matches_reference(rng, n, shared, width):
+    d = 40
+    q = _randn(rng, 2, 3, n, d)
+    k = q if shared else _randn(rng, 2, 3, n, d)
+    x = _randn(rng, 2, 3, n, width)
+    offset = _randn(rng, 2, 3, n)
+    y = tb.symmetric_matmul(q, k, x, scale=0.2, offset=offset)
+    y_ref = reference.symmetric_matmul(*_f64(q, k, x), scale=0.2, offset=offset.double().cpu())
+    assert y.shape == (2, 3, n, width)
+    assert _err(y, y_ref) < 1e-5
+
+
+def test_symmetric_same_tensor_uses_triangle(rng, monkeypatch):
+    """q is k → the kernel's SAME_QK variant; an equal copy of q → the full walk; same result."""
+    q, x = _randn(rng, 1, 1, 33, 8), _randn(rng, 1, 1, 33, 3)
+    seen = []
+    kernel = tb._kernels()[2]
+    launch = kernel.run
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["SAME_QK"])
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", spy)
+    y_tri = tb.symmetric_matmul(q, q, x, scale=0.5)
+    y_full = tb.symmetric_matmul(q, q.clone(), x, scale=0.5)
+    assert seen[0] is True and seen[-1] is False
+    torch.testing.assert_close(y_tri, y_full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("normalize", ("none", "row"))
+def test_even_tiles(rng, normalize):
+    """N, M multiples of the tile and d, m equal to their padded widths: the unmasked paths."""
+    q, k, x = _randn(rng, 1, 1, 32, 16), _randn(rng, 1, 1, 64, 16), _randn(rng, 1, 1, 64, 16)
+    beta = _randn(rng, 1, 1, 64)
+    y, _ = tb.matmul(q, k, x, scale=0.25, col_offset=beta, normalize=normalize)
+    y_ref, _ = reference.matmul(*_f64(q, k, x), scale=0.25, col_offset=beta.double().cpu(), normalize=normalize)
+    assert _err(y, y_ref) < 1e-5
+
+
+@pytest.mark.parametrize("scale", (0.3, 0.0, -0.7))
+def test_row_softmax_any_sign_of_scale(rng, scale):
+    """τ > 0 takes the row max before scaling (RAW_MAX); τ ≤ 0 the general path."""
+    q, k, x = _randn(rng, 1, 1, 33, 5), _randn(rng, 1, 1, 7, 5), _randn(rng, 1, 1, 7, 3)
+    y, lse = tb.matmul(q, k, x, scale=scale, normalize="row")
+    y_ref, lse_ref = reference.matmul(*_f64(q, k, x), scale=scale, normalize="row")
+    assert _err(y, y_ref) < 1e-5
+    torch.testing.assert_close(lse.double().cpu(), lse_ref, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- public API, backend="triton"
+@pytest.mark.parametrize("normalize", ("none", "row"))
+def test_batch_heads_and_offsets_through_public_api(rng, normalize):
+    q, k, x = _randn(rng, 2, 3, 7, 5), _randn(rng, 2, 3, 33, 5), _randn(rng, 2, 3, 33, 3)
+    alpha, beta = _randn(rng, 2, 3, 7), _randn(rng, 3, 33)  # β broadcast over the first dim
+    kwargs = dict(scale=0.7, row_offset=alpha, col_offset=beta, normalize=normalize)
+    y = affinity_matmul(q, k, x, backend="triton", **kwargs)
+    y_ref = affinity_matmul(*_f64(q, k, x), **{**kwargs, "row_offset": alpha.double().cpu(),
+                                              "col_offset": beta.double().cpu()}, backend="dense")
+    assert y.shape == (2, 3, 7, 3)
+    assert _err(y, y_ref) < 1e-5
+
+
+@pytest.mark.parametrize("normalize", ("none", "row"))
+def test_head_sum_with_shared_x(rng, normalize):
+    heads = 4
+    q, k = _randn(rng, 2, heads, 33, 12), _randn(rng, 2, heads, 7, 12)
+    x = _randn(rng, 7, 3)  # one X for every group and head
+    w = torch.rand(heads, generator=rng, dtype=torch.float64).to(DEVICE, torch.float32)
+    out = affinity_matmul(q, k, x, head_weights=w, normalize=normalize, backend="triton",
+                          return_lse=normalize == "row")
+    y, lse = out if normalize == "row" else (out, None)
+    y_ref, lse_ref = reference.matmul(*_f64(q, k, x.expand(2, heads, 7, 3)), scale=12 ** -0.5,
+                                      normalize=normalize, head_weights=w.double().cpu())
+    assert y.shape == (2, 33, 3)
+    assert _err(y, y_ref) < 1e-5
+    if lse is not None:
+        torch.testing.assert_close(lse.double().cpu(), lse_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_symmetric_head_sum(rng):
+    heads = 3
+    v = _randn(rng, heads, 33, 6)
+    x = _randn(rng, 33, 2)
+    w = torch.rand(heads, generator=rng, dtype=torch.float64).to(DEVICE, torch.float32)
+    offset = _randn(rng, heads, 33)
+    for k in (v, _randn(rng, heads, 33, 6)):
+        y = affinity_symmetric_matmul(v, k, x, offset=offset, head_weights=w, backend="triton")
+        y_ref = reference.symmetric_matmul(*_f64(v[None], k[None], x.expand(1, heads, 33, 2)), scale=6 ** -0.5,
+                                           offset=offset.double().cpu()[None], head_weights=w.double().cpu())
+        assert y.shape == (33, 2)
+        assert _err(y, y_ref[0]) < 1e-5
+
+
+def test_non_contiguous_inputs(rng):
+    """Transposed, sliced and stride-0 views are read by strides, not copied."""
+    base_q = _randn(rng, 3, 20, 2, 9)  # (H, d', G, N) storage order
+    q = base_q.permute(2, 0, 3, 1)[..., ::2]  # (G=2, H=3, N=9, d=10), strided in every dim
+    k = _randn(rng, 2, 3, 12, 33).transpose(-1, -2)[..., :10]  # (2, 3, 33, 10), column-major slice
+    x = _randn(rng, 2, 1, 33, 6)[..., ::2].expand(2, 3, 33, 3)  # stride 0 over heads
+    beta = _randn(rng, 33).expand(2, 3, 33)
+    assert not q.is_contiguous() and not k.is_contiguous() and x.stride(1) == 0
+    for normalize in ("none", "row"):
+        y, _ = tb.matmul(q, k, x, scale=0.3, col_offset=beta, normalize=normalize)
+        y_ref, _ = reference.matmul(*_f64(q, k, x), scale=0.3, col_offset=beta.double().cpu(),
+                                    normalize=normalize)
+        assert _err(y, y_ref) < 1e-5
+    ks = _randn(rng, 2, 3, 9, 20)[..., ::2]
+    xs = _randn(rng, 2, 9, 3).unsqueeze(1).expand(2, 3, 9, 3)
+    y = tb.symmetric_matmul(q, ks, xs, scale=0.3)
+    assert _err(y, reference.symmetric_matmul(*_f64(q, ks, xs), scale=0.3)) < 1e-5
+
+
+# --------------------------------------------------------------------------- low precision
+def _lowp_tolerance_check(y, y_ref, y_torch_lowp, atol=1e-3):
+    """FlashAttention-style: error ≤ 2× torch's own error at that precision, plus atol."""
+    err, torch_err = _err(y, y_ref), _err(y_torch_lowp, y_ref)
+    assert math.isfinite(err) and err <= 2 * torch_err + atol, (err, torch_err)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=("fp16", "bf16"))
+@pytest.mark.parametrize("normalize", ("none", "row"))
+def test_low_precision_matmul(rng, dtype, normalize):
+    q, k, x = (_randn(rng, 1, 2, 33, 40, dtype=dtype), _randn(rng, 1, 2, 33, 40, dtype=dtype),
+               _randn(rng, 1, 2, 33, 20, dtype=dtype))
+    y, lse = tb.matmul(q, k, x, scale=40 ** -0.5, normalize=normalize)
+    y_ref, _ = reference.matmul(*_f64(q, k, x), scale=40 ** -0.5, normalize=normalize)
+    y_low, _ = reference.matmul(q.cpu(), k.cpu(), x.cpu(), scale=40 ** -0.5, normalize=normalize, dtype=dtype)
+    _lowp_tolerance_check(y, y_ref, y_low)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=("fp16", "bf16"))
+@pytest.mark.parametrize("shared", (True, False), ids=("q_is_k", "q_ne_k"))
+def test_low_precision_symmetric(rng, dtype, shared):
+    q = _randn(rng, 1, 2, 33, 40, dtype=dtype)
+    k = q if shared else _randn(rng, 1, 2, 33, 40, dtype=dtype)
+    x = _randn(rng, 1, 2, 33, 20, dtype=dtype)
+    y = tb.symmetric_matmul(q, k, x, scale=40 ** -0.5)
+    y_ref = reference.symmetric_matmul(*_f64(q, k, x), scale=40 ** -0.5)
+    y_low = reference.symmetric_matmul(q.cpu(), k.cpu(), x.cpu(), scale=40 ** -0.5, dtype=dtype)
+    _lowp_tolerance_check(y, y_ref, y_low)
+
+
+def test_fp16_without_offsets_does_not_overflow(rng):
+    """exp(s) > 65504 must not become inf (then inf·0 = NaN) in the fp16 P·X dot."""
+    q = torch.nn.functional.normalize(_randn(rng, 1, 1, 7, 4), dim=-1).to(torch.float16)
+    x = _randn(rng, 1, 1, 7, 3, dtype=torch.float16)
+    x[..., 0] = 0.0
+    y, _ = tb.matmul(q, q, x, scale=30.0)  # scores up to 30: exp(30) ≈ 1e13, fine in fp32
+    y_ref, _ = reference.matmul(*_f64(q, q, x), scale=30.0)
+    assert y_ref.abs().max() > 1e6
+    assert torch.isfinite(y).all()
+    assert _err(y, y_ref) < 5e-3
+
+
+def test_mixed_dtypes_bf16_scores_fp32_x(rng):
+    q, k = _randn(rng, 1, 1, 33, 8, dtype=torch.bfloat16), _randn(rng, 1, 1, 7, 8, dtype=torch.bfloat16)
+    x = _randn(rng, 1, 1, 7, 3)
+    y, _ = tb.matmul(q, k, x, scale=0.5, normalize="row")
+    y_ref, _ = reference.matmul(*_f64(q, k, x), scale=0.5, normalize="row")
+    assert _err(y, y_ref) < 1e-5  # scores exact from bf16 inputs, fp32 everything else
+
+
+# --------------------------------------------------------------------------- extreme scales
+def test_extreme_scales_with_log_space_offsets(rng):
+    """|τ q·k| up to ~1e4: LSE-based offsets keep every exponent ≤ log 2 → finite, correct."""
+    n, d = 33, 16
+    q = _randn(rng, 1, 1, n, d)
+    q = q / q.norm(dim=-1, keepdim=True)
+    k = q[:, :, torch.randperm(n, generator=rng)]
+    scale = 1e4
+    x = _randn(rng, 1, 1, n, 3)
+    q64, k64, x64 = _f64(q, k, x)
+    r = tb.logsumexp(q, k, scale=scale)
+    c = tb.logsumexp(k, q, scale=scale)
+    r_ref = reference.logsumexp(q64, k64, scale=scale)
+    assert r.abs().max() > 5e3
+    torch.testing.assert_close(r.double().cpu(), r_ref, rtol=1e-6, atol=0)
+
+    y, lse = tb.matmul(q, k, x, scale=scale, normalize="row")
+    y_off, _ = tb.matmul(q, k, x, scale=scale, row_offset=r)
+    y_ref, _ = reference.matmul(q64, k64, x64, scale=scale, normalize="row")
+    for out in (y, y_off):
+        assert torch.isfinite(out).all()
+        assert _err(out, y_ref) < 5e-3  # fp32 scores of size 1e4 carry ~1e-3 absolute error
+
+    log_degree = torch.logaddexp(r, c) - math.log(2.0)
+    a = 0.5 * log_degree
+    y_sym = tb.symmetric_matmul(q, k, x, scale=scale, offset=a)
+    y_sym_ref = reference.symmetric_matmul(q64, k64, x64, scale=scale, offset=a.double().cpu())
+    assert torch.isfinite(y_sym).all()
+    assert _err(y_sym, y_sym_ref) < 5e-3
+
+
+# --------------------------------------------------------------------------- gradients, errors
+def test_gradient_matches_dense_backend(rng):
+    q, k = _randn(rng, 3, 7, 5), _randn(rng, 3, 33, 5)
+    w = torch.rand(3, generator=rng, dtype=torch.float64).to(DEVICE, torch.float32)
+    beta = _randn(rng, 3, 33)
+    cot = _randn(rng, 7, 4)
+    cot_sym = _randn(rng, 33, 4)
+    x0 = _randn(rng, 33, 4)
+    grads = {}
+    for backend in ("triton", "dense"):
+        x = x0.clone().requires_grad_(True)
+        y = affinity_matmul(q, k, x, col_offset=beta, normalize="row", head_weights=w, backend=backend)
+        y_sym = affinity_symmetric_matmul(k, k, x, head_weights=w, backend=backend)
+        ((y * cot).sum() + (y_sym * cot_sym).sum()).backward()
+        grads[backend] = x.grad
+    torch.testing.assert_close(grads["triton"], grads["dense"].to(grads["triton"].dtype), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_inputs_name_the_argument(rng):
+    q, k, x = _randn(rng, 1, 1, 7, 4), _randn(rng, 1, 1, 5, 4), _randn(rng, 1, 1, 5, 2)
+    with pytest.raises(TypeError, match="q has dtype torch.float64"):
+        tb.matmul(q.double(), k, x, scale=1.0)
+    with pytest.raises(ValueError, match="x must have shape"):
+        tb.matmul(q, k, x[:, :, :4], scale=1.0)
+    with pytest.raises(ValueError, match="k must have shape"):
+        tb.logsumexp(q, k[..., :3], scale=1.0)
+    with pytest.raises(ValueError, match="row_offset must have shape"):
+        tb.matmul(q, k, x, scale=1.0, row_offset=_randn(rng, 1, 1, 5))
+    with pytest.raises(ValueError, match="head_weights must have 1 entries"):
+        tb.matmul(q, k, x, scale=1.0, head_weights=torch.ones(2, device=DEVICE))
+    with pytest.raises(ValueError, match="same number of tokens"):
+        tb.symmetric_matmul(q, k, x, scale=1.0)
+    with pytest.raises(ValueError, match="normalize"):
+        tb.matmul(q, k, x, scale=1.0, normalize="col")
+
+
+def test_empty_rows(rng):
+    q, k, x = _randn(rng, 1, 1, 0, 4), _randn(rng, 1, 1, 5, 4), _randn(rng, 1, 1, 5, 2)
+    y, lse = tb.matmul(q, k, x, scale=1.0, normalize="row")
+    assert y.shape == (1, 1, 0, 2) and lse.shape == (1, 1, 0)
+
+
+# --------------------------------------------------------------------------- compiled for Hopper, no GPU needed
+_HOPPER_COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from spectral_kernels.ops import triton_kernels as K
+
+POINTERS = {"Q": "bf16", "K": "bf16", "X": "bf16", "ROW_OFFSET": "fp32", "COL_OFFSET": "fp32", "OFFSET": "fp32",
+            "HEAD_WEIGHTS": "fp32", "Y": "fp32", "LSE": "fp32"}
+UNIT_STRIDES = {"sq_d": 1, "sk_d": 1, "sx_w": 1, "sy_w": 1}  # what Triton specialises at launch
+
+def compile_hopper(fn, constexprs, num_warps, num_stages):
+    constexprs = {**constexprs, **{k: v for k, v in UNIT_STRIDES.items() if k in fn.arg_names}}
+    signature = {name: "constexpr" if name in constexprs else
+                 "*" + POINTERS[name] if name in POINTERS else
+                 "fp32" if name == "scale_log2" else "i32" for name in fn.arg_names}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": num_warps, "num_stages": num_stages}).asm["ptx"]
+    assert "wgmma.mma_async" in ptx, fn.__name__  # Hopper tensor cores, not the mma.sync path
+    return ptx
+
+common = dict(D=64, W=32, BLOCK_D=64, BLOCK_W=32, QK_IEEE=False, PX_MODE=K.PX_BF16, UPCAST_BF16=False)
+compile_hopper(K._row_product_kernel, dict(common, HAS_ROW_OFFSET=False, HAS_COL_OFFSET=False, NORMALIZE=True,
+               HEAD_SUM=False, RAW_MAX=True, BLOCK_ROWS=128, BLOCK_COLS=64, EVEN_ROWS=True, EVEN_COLS=True), 4, 3)
+compile_hopper(K._row_product_kernel, dict(common, HAS_ROW_OFFSET=True, HAS_COL_OFFSET=True, NORMALIZE=False,
+               HEAD_SUM=True, RAW_MAX=False, BLOCK_ROWS=128, BLOCK_COLS=128, EVEN_ROWS=False, EVEN_COLS=False), 8, 3)
+compile_hopper(K._logsumexp_kernel, dict(D=64, HAS_COL_OFFSET=True, QK_IEEE=False, UPCAST_BF16=False,
+               BLOCK_ROWS=128, BLOCK_COLS=64, BLOCK_D=64, EVEN_ROWS=False, EVEN_COLS=False), 4, 3)
+for same in (True, False):
+    ptx = compile_hopper(K._symmetric_kernel, dict(common, HAS_OFFSET=True, HEAD_SUM=not same, SAME_QK=same,
+                         BLOCK_ROWS=256, BLOCK_COLS=64, EVEN_N=same), 8, 2)
+    assert "red.global" in ptx  # the column atomics
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter never compiles: build the main kernel variants for sm_90 (ptxas ships
+    with Triton) in a process without TRITON_INTERPRET, so GPU-only compile errors show on CPU."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- GPU, autotuned kernels
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,n", [(torch.float32, 1000), (torch.bfloat16, 4096)], ids=("fp32", "bf16"))
+def test_gpu_against_reference(rng, monkeypatch, dtype, n):
+    """bf16 at N = 4096 (the benchmark's kernels, autotuned: several configs, whole tiles);
+    fp32 at N = 1000 (ragged tiles) with the default tile only, to keep compile time down
+    (fp32 ieee kernels compile slowly)."""
+    if dtype == torch.float32:
+        monkeypatch.setenv("SPECTRAL_KERNELS_TRITON_AUTOTUNE", "0")
+    d, width, heads = 64, 32, 2
+    q, k = _randn(rng, 1, heads, n, d, dtype=dtype), _randn(rng, 1, heads, n, d, dtype=dtype)
+    x = _randn(rng, 1, heads, n, width, dtype=dtype)
+    w = torch.rand(heads, generator=rng, dtype=torch.float64).to(DEVICE, torch.float32)
+    q64, k64, x64 = _f64(q, k, x)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2  # fp32: 1000-term sums; tf32 would give ~2e-3
+    for hw in (None, w):
+        y, _ = tb.matmul(q, k, x, scale=0.125, normalize="row", head_weights=hw)
+        y_ref, _ = reference.matmul(q64, k64, x64, scale=0.125, normalize="row",
+                                    head_weights=None if hw is None else hw.double().cpu())
+        assert _err(y, y_ref) < tol
+    r = tb.logsumexp(q, k, scale=0.125)
+    torch.testing.assert_close(r.double().cpu(), reference.logsumexp(q64, k64, scale=0.125), rtol=1e-4, atol=1e-3)
+    for kk in (q, k):
+        # Twice: the first call of a shape autotunes, the second uses the cached config.
+        for _ in range(2):
+            y = tb.symmetric_matmul(q, kk, x, scale=0.125, offset=r)
+            y_ref = reference.symmetric_matmul(q64, _f64(kk)[0], x64, scale=0.125, offset=r.double().cpu())
+            assert _err(y, y_ref) < tol
+
+
+@pytest.mark.gpu
+def test_gpu_large_extreme_scale(rng, monkeypatch):
+    monkeypatch.setenv("SPECTRAL_KERNELS_TRITON_AUTOTUNE", "0")
+    n, d = 4096, 64
+    v = torch.nn.functional.normalize(_randn(rng, n, d, dtype=torch.float32), dim=-1)
+    x = _randn(rng, n, 16)
+    r = affinity_logsumexp(v, v, scale=1e4, backend="triton")  # q is k: degrees e^r, a = r/2
+    y = affinity_symmetric_matmul(v, v, x, scale=1e4, offset=0.5 * r, backend="triton")
+    y_ref = affinity_symmetric_matmul(v, v, x, scale=1e4, offset=0.5 * r, backend="torch")
+    assert torch.isfinite(y).all() and y_ref.abs().max() > 0.1
+    assert _err(y, y_ref) < 1e-2
