@@ -10,6 +10,10 @@ import importlib
 
 from .ops import affinity_logsumexp, affinity_matmul, affinity_symmetric_matmul, available_backends
 
+# Imported eagerly because the function shares its module's name: importing the submodule
+# spectral_kernels.eigsh would otherwise replace the package attribute with the module.
+from .eigsh import EigshInfo, eigsh
+
 __version__ = "0.1.0"
 
 # public name -> submodule that defines it (loaded lazily, PEP 562)
@@ -17,13 +21,23 @@ _LAZY = {
     "GridPooling": "pooling",
     "KQAffinity": "operators",
     "VVAffinity": "operators",
-    "eigsh": "eigsh",
+    "AffinityOperator": "operators",
+    "SumOperator": "operators",
+    "PooledOperator": "operators",
+    "layer_operator": "operators",
+    "multilayer_operator": "operators",
+    "SpectralSolver": "solver",
+    "SolverConfig": "solver",
+    "SolverResult": "solver",
+    "load_model": "models",
+    "list_models": "models",
+    "load_image": "images",
     "ncut_loss": "objective",
     "knn_graph": "knn",
 }
 
 __all__ = ["affinity_matmul", "affinity_logsumexp", "affinity_symmetric_matmul", "available_backends",
-           *_LAZY]
+           "eigsh", "EigshInfo", *_LAZY]
 
 
 def __getattr__(name):

@@ -43,7 +43,8 @@ def _load(name: str):
 def available_backends() -> list[str]:
     """Backends usable in this process, in the order ``"auto"`` prefers them on a GPU."""
     names = ["dense", "torch"]
-    if _load("triton") is not None and (torch.cuda.is_available() or triton_interpreted()):
+    # Only import triton where it can run: the import alone costs seconds on a CPU machine.
+    if (torch.cuda.is_available() or triton_interpreted()) and _load("triton") is not None:
         names.append("triton")
     if torch.cuda.is_available() and _load("cuda") is not None:
         names.append("cuda")
@@ -66,7 +67,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, shape_key=No
         raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
     if backend == "auto":
         backend = _auto(device, dtype, shape_key)
-    if backend not in available_backends():
+    if backend not in ("dense", "torch") and backend not in available_backends():
         raise ValueError(f"backend {backend!r} is not available here (available: {available_backends()})")
     if not backend_supports(backend, device, dtype):
         raise ValueError(f"backend {backend!r} does not support {dtype} tensors on {device.type}")

@@ -23,8 +23,9 @@ __all__ = ["matmul", "logsumexp", "symmetric_matmul", "tile_sizes"]
 TILE_ELEMENTS = 1 << 22
 
 
-def tile_sizes(batch: int, n: int, m: int, tile_elements: int = TILE_ELEMENTS) -> tuple[int, int]:
+def tile_sizes(batch: int, n: int, m: int, tile_elements: int | None = None) -> tuple[int, int]:
     """Row and column tile sizes whose score tile holds ≤ ``tile_elements`` entries."""
+    tile_elements = tile_elements or TILE_ELEMENTS  # read at call time so it can be tuned
     per_batch = max(tile_elements // max(batch, 1), 64 * 64)
     cols = min(max(m, 1), max(per_batch // 256, 64))
     rows = min(max(n, 1), max(per_batch // cols, 1))
@@ -43,7 +44,7 @@ def _cast(t, dtype):
 
 
 def matmul(q, k, x, *, scale, row_offset=None, col_offset=None, normalize="none",
-           head_weights=None, tile_elements=TILE_ELEMENTS):
+           head_weights=None, tile_elements=None):
     """Y_i = Σ_j exp(S_ij − α_i − β_j) X_j, or the softmax form; returns (Y, LSE or None)."""
     groups = q.shape[0]
     dtype = _compute_dtype(q, k, x)
@@ -97,7 +98,7 @@ def _online_softmax_rows(q_blk, k, x, scale, col_offset, cols):
     return acc.div_(running_sum.clamp_min(torch.finfo(dtype).tiny)), lse
 
 
-def logsumexp(q, k, *, scale, col_offset=None, tile_elements=TILE_ELEMENTS):
+def logsumexp(q, k, *, scale, col_offset=None, tile_elements=None):
     """r_i = log Σ_j exp(S_ij − β_j), accumulated tile by tile."""
     groups = q.shape[0]
     dtype = _compute_dtype(q, k)
@@ -120,7 +121,7 @@ def _same_tensor(a, b):
 
 
 def symmetric_matmul(q, k, x, *, scale, offset=None, head_weights=None,
-                     tile_elements=TILE_ELEMENTS):
+                     tile_elements=None):
     """½(E + Eᵀ)·X, E_ij = exp(S_ij − a_i − a_j), in one pass over the S tiles.
 
     Each tile feeds both the row accumulator (E·X) and the column accumulator (Eᵀ·X).
@@ -133,6 +134,7 @@ def symmetric_matmul(q, k, x, *, scale, offset=None, head_weights=None,
     q, k, x, offset = flat(q).to(dtype), flat(k).to(dtype), flat(x).to(dtype), _cast(flat(offset), dtype)
     batch, n, _ = q.shape
     y = torch.zeros(batch, n, x.shape[2], dtype=dtype, device=q.device)
+    tile_elements = tile_elements or TILE_ELEMENTS
     tile = max(1, int(math.isqrt(max(tile_elements // max(batch, 1), 1))))
     tile = min(max(tile, 64), max(n, 1))
     for i0 in range(0, n, tile):

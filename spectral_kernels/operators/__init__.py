@@ -1,0 +1,12 @@
+"""Graphs as matrix-free operators (DESIGN.md §2–3), built on the primitive in ``ops``.
+
+    base.py      the operator interface, weighted sums, adjoints, dense/callable wrappers
+    affinity.py  KQAffinity (attention) and VVAffinity (value cosine), one layer, heads averaged
+    pooled.py    Gᵀ M G on a base grid, and layer_operator / multilayer_operator from captures
+"""
+from .affinity import KQAffinity, VVAffinity
+from .base import AffinityOperator, CallableOperator, DenseOperator, SumOperator, as_operator
+from .pooled import PooledOperator, layer_operator, multilayer_operator
+
+__all__ = ["AffinityOperator", "KQAffinity", "VVAffinity", "SumOperator", "DenseOperator", "CallableOperator",
+           "PooledOperator", "as_operator", "layer_operator", "multilayer_operator"]

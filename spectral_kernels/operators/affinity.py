@@ -1,0 +1,194 @@
+"""The graphs of one attention layer: KQ (attention) and VV (value similarity) affinities.
+
+For each head h, S_h = τ·Q_h·K_hᵀ and A_h = exp(S_h). The operator is the (weighted)
+mean over heads of each head's normalised matrix (DESIGN.md §2):
+
+    "none"  A_h                                   (overflows once τ·q·k > ~88 in fp32)
+    "row"   P_h = D_r⁻¹ A_h  (softmax attention)  Pᵀ·X: swap q, k; column offset = row LSE
+    "sym"   M_h = D^-½ W_h D^-½,  W_h = (A_h + A_hᵀ)/2,  d_i = (e^{r_i} + e^{c_i})/2
+
+r = row LSE, c = column LSE (the LSE with q and k swapped), all in log space so no
+exponent exceeds log 2. Every product is one call of the primitive with the heads summed
+inside it (``head_weights``) and one X shared by the heads. LSEs and offsets are computed
+on first use and cached.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._validation import check_positive, check_same_device, check_tensor
+from ..ops import affinity_logsumexp, affinity_matmul, affinity_symmetric_matmul
+from ..ops._layout import compute_dtype
+from .base import AffinityOperator
+
+NORMALIZE_MODES = ("sym", "row", "none")
+
+
+def _as_heads(name: str, t) -> Tensor:
+    """(N, d), (H, N, d) or (1, H, N, d) → (H, N, d)."""
+    check_tensor(name, t, min_dim=2)
+    if t.dim() == 2:
+        return t.unsqueeze(0)
+    if t.dim() == 3:
+        return t
+    if t.dim() == 4 and t.shape[0] == 1:
+        return t[0]
+    raise ValueError(f"{name} must be (N, d), (H, N, d) or (1, H, N, d); got shape {tuple(t.shape)} "
+                     f"(build one operator per image, or sum them, for a batch)")
+
+
+def _head_weights(head_weights, heads: int, dtype, device) -> Tensor:
+    """Weights normalised to sum 1 (a weighted mean); uniform when not given."""
+    if head_weights is None:
+        return torch.full((heads,), 1.0 / heads, dtype=dtype, device=device)
+    if not isinstance(head_weights, Tensor):
+        head_weights = torch.as_tensor(head_weights, dtype=dtype)
+    check_tensor("head_weights", head_weights, dim=1)
+    if head_weights.shape[0] != heads:
+        raise ValueError(f"head_weights must have one weight per head ({heads}), got shape {tuple(head_weights.shape)}")
+    head_weights = head_weights.to(dtype=dtype, device=device)
+    if bool((head_weights < 0).any()):
+        raise ValueError("head_weights must be non-negative")
+    total = float(head_weights.sum())
+    if total <= 0:
+        raise ValueError("head_weights must not all be zero")
+    return head_weights / total
+
+
+class KQAffinity(AffinityOperator):
+    """The attention graph of one layer, exp(τ·q kᵀ) per head, normalised and head-averaged.
+
+    Args:
+        q, k: (N, d), (H, N, d) or (1, H, N, d) queries and keys (one image; for a batch of
+            images build one operator per image). Passing the same tensor as q and k makes
+            S symmetric, which the backends exploit.
+        normalize: "sym" (NCut M = D^-½ W D^-½, symmetric; the default), "row" (softmax
+            attention P, not symmetric) or "none" (A itself; exp overflows in fp32 once
+            τ·q·k exceeds ~88 — use "row"/"sym", which work in log space, for raw features).
+        scale: τ, default 1/sqrt(d).
+        head_weights: (H,) non-negative weights, normalised to sum 1; default the plain mean.
+        backend: primitive backend ("auto", "torch", "triton", "cuda", "dense").
+
+    Products are computed in fp32 (fp64 if q/k are fp64), whatever X's dtype.
+    """
+
+    def __init__(self, q: Tensor, k: Tensor, *, normalize: str = "sym", scale: float | None = None,
+                 head_weights: Tensor | None = None, backend: str = "auto"):
+        if normalize not in NORMALIZE_MODES:
+            raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+        shared = q is k
+        q3 = _as_heads("q", q).detach()
+        k3 = q3 if shared else _as_heads("k", k).detach()
+        check_same_device(q=q3, k=k3)
+        if q3.shape != k3.shape:
+            raise ValueError(f"q and k must have the same (H, N, d) shape, got {tuple(q3.shape)} and {tuple(k3.shape)}")
+        if q3.dtype != k3.dtype:
+            raise TypeError(f"q and k must have the same dtype, got {q3.dtype} and {k3.dtype}")
+        heads, n, d = q3.shape
+        if n == 0 or d == 0:
+            raise ValueError(f"q and k need at least one token and one feature, got shape {tuple(q3.shape)}")
+        if scale is None:
+            scale = 1.0 / math.sqrt(d)
+        if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number, got {scale!r}")
+        self.q, self.k = q3, k3
+        self.scale = float(scale)
+        self.normalize = normalize
+        self.backend = backend
+        self.shape = (n, n)
+        self.device = q3.device
+        self.dtype = compute_dtype(q3, k3)
+        self.n_heads = heads
+        self.head_weights = _head_weights(head_weights, heads, self.dtype, self.device)
+        self.is_symmetric = normalize == "sym" or (normalize == "none" and self.scores_symmetric)
+        self._row_lse = None
+        self._col_lse = None
+        self._sym_offset = None
+
+    @property
+    def scores_symmetric(self) -> bool:
+        """True when q and k are one tensor, so S = Sᵀ and the transposed product is free."""
+        return self.q is self.k
+
+    # ------------------------------------------------------------------ cached statistics
+    def row_lse(self) -> Tensor:
+        """r (H, N): r_i = log Σ_j exp(S_ij), the log row sums (log out-degrees) of A."""
+        if self._row_lse is None:
+            self._row_lse = affinity_logsumexp(self.q, self.k, scale=self.scale, backend=self.backend).to(self.dtype)
+        return self._row_lse
+
+    def col_lse(self) -> Tensor:
+        """c (H, N): c_j = log Σ_i exp(S_ij), the log column sums of A."""
+        if self.scores_symmetric:
+            return self.row_lse()
+        if self._col_lse is None:
+            self._col_lse = affinity_logsumexp(self.k, self.q, scale=self.scale, backend=self.backend).to(self.dtype)
+        return self._col_lse
+
+    def log_degrees(self) -> Tensor:
+        """log d (H, N) of W = (A + Aᵀ)/2: d_i = (e^{r_i} + e^{c_i})/2, computed in log space."""
+        return torch.logaddexp(self.row_lse(), self.col_lse()) - math.log(2.0)
+
+    def _offset(self) -> Tensor:
+        if self._sym_offset is None:
+            self._sym_offset = 0.5 * self.log_degrees()
+        return self._sym_offset
+
+    # ------------------------------------------------------------------ products
+    def _matmul(self, x):
+        common = dict(scale=self.scale, head_weights=self.head_weights, backend=self.backend)
+        if self.normalize == "sym":
+            return affinity_symmetric_matmul(self.q, self.k, x, offset=self._offset(), **common)
+        if self.normalize == "row":
+            return affinity_matmul(self.q, self.k, x, normalize="row", **common)
+        if self.scores_symmetric:  # ½(A + Aᵀ) = A, and only half the tiles are computed
+            return affinity_symmetric_matmul(self.q, self.q, x, **common)
+        return affinity_matmul(self.q, self.k, x, **common)
+
+    def _adjoint_matmul(self, x):
+        if self.is_symmetric:
+            return self._matmul(x)
+        common = dict(scale=self.scale, head_weights=self.head_weights, backend=self.backend)
+        if self.normalize == "row":
+            # (Pᵀ)_ji = exp(S_ij − r_i): the swapped product with the row LSE as column offset.
+            return affinity_matmul(self.k, self.q, x, col_offset=self.row_lse(), **common)
+        return affinity_matmul(self.k, self.q, x, **common)
+
+    def trivial_eigenvector(self):
+        """∝ sqrt(d) for a single-head "sym" operator (eigenvalue 1); None otherwise.
+
+        With several heads each M_h has its own sqrt(d_h), so their mean has no closed-form
+        top eigenvector.
+        """
+        if self.normalize != "sym" or self.n_heads != 1:
+            return None
+        a = self._offset()[0]
+        u = torch.exp(a - a.max())
+        return u / torch.linalg.vector_norm(u)
+
+
+class VVAffinity(KQAffinity):
+    """The value-similarity graph exp(cos(v_i, v_j)/t): KQAffinity with q = k = v/‖v‖, τ = 1/t.
+
+    Args:
+        v: (N, d), (H, N, d) or (1, H, N, d) value vectors (zero vectors have cosine 0).
+        temperature: t > 0 (default 0.1). With normalize="none" entries reach e^{1/t}, which
+            overflows fp32 for t < ~0.0113.
+        normalize: "sym" (default), "row" or "none"; "sym" and "none" are symmetric.
+        head_weights, backend: as for ``KQAffinity``.
+    """
+
+    def __init__(self, v: Tensor, *, temperature: float = 0.1, normalize: str = "sym",
+                 head_weights: Tensor | None = None, backend: str = "auto"):
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be a finite number, got {temperature!r}")
+        check_positive("temperature", temperature)
+        v3 = _as_heads("v", v).detach()
+        unit = F.normalize(v3.to(compute_dtype(v3)), dim=-1)
+        self.temperature = float(temperature)
+        super().__init__(unit, unit, normalize=normalize, scale=1.0 / temperature,
+                         head_weights=head_weights, backend=backend)

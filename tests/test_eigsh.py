@@ -1,0 +1,256 @@
+"""eigsh against dense float64 eigendecompositions (scipy/numpy), and its errors."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spectral_kernels.eigsh import eigsh
+from spectral_kernels.operators import CallableOperator, KQAffinity, VVAffinity, multilayer_operator
+
+
+# ----------------------------------------------------------------------------- references
+def ncut_dense(q, k, scale, weights=None):
+    """Σ_h w_h·D^-½ W_h D^-½ with W_h = (exp(τ q kᵀ) + its transpose)/2, float64 (DESIGN.md §2)."""
+    q, k = q.double(), k.double()
+    if q.dim() == 2:
+        q, k = q[None], k[None]
+    heads = q.shape[0]
+    w = torch.full((heads,), 1.0 / heads, dtype=torch.float64) if weights is None else weights.double() / weights.sum()
+    total = 0
+    for h in range(heads):
+        a = torch.exp(scale * q[h] @ k[h].T)
+        sym = 0.5 * (a + a.T)
+        d = sym.sum(1)
+        total = total + w[h] * sym / torch.sqrt(d[:, None] * d[None, :])
+    return total
+
+
+def top_eigh(matrix, k, skip=0):
+    """Top-k eigenpairs (descending) of a dense symmetric float64 matrix, after the top ``skip``.
+
+    numpy.linalg.eigh, the full dense decomposition (O(N³): the reason N stays ≤ 3000).
+    """
+    vals, vecs = np.linalg.eigh(matrix.numpy())
+    stop = vals.shape[0] - skip
+    return (torch.from_numpy(vals[stop - k:stop][::-1].copy()),
+            torch.from_numpy(vecs[:, stop - k:stop][:, ::-1].copy()))
+
+
+def min_principal_cosine(v_ref, v):
+    q_ref = torch.linalg.qr(v_ref.double())[0]
+    q = torch.linalg.qr(v.double())[0]
+    return float(torch.linalg.svdvals(q_ref.T @ q).min())
+
+
+def assert_matches(vals, vecs, ref_vals, ref_vecs, cos=0.999, rel=1e-5):
+    assert vals.shape == ref_vals.shape and vecs.shape == ref_vecs.shape
+    assert bool((vals[:-1] >= vals[1:]).all()), "eigenvalues must be descending"
+    c = min_principal_cosine(ref_vecs, vecs)
+    err = float(((vals.double() - ref_vals) / ref_vals.abs()).abs().max())
+    assert c >= cos, f"min principal cosine {c:.6f} < {cos}"
+    assert err <= rel, f"eigenvalue relative error {err:.2e} > {rel}"
+
+
+def clustered(rng, n, d=32, clusters=12, spread=0.9):
+    centers = torch.randn(clusters, d, generator=rng)
+    labels = torch.randint(0, clusters, (n,), generator=rng)
+    return centers[labels] + spread * torch.randn(n, d, generator=rng)
+
+
+# ----------------------------------------------------------------------------- accuracy
+@pytest.mark.parametrize("n", [700, pytest.param(3000, marks=pytest.mark.slow)])
+def test_vv_ncut_on_clustered_features(rng, n):
+    x = clustered(rng, n)
+    t = 0.2
+    op = VVAffinity(x, temperature=t)
+    u = F.normalize(x.double(), dim=-1)
+    ref_vals, ref_vecs = top_eigh(ncut_dense(u, u, 1 / t), 10)
+    vals, vecs, info = eigsh(op, 10, return_info=True)
+    assert_matches(vals, vecs, ref_vals, ref_vecs)
+    assert info.converged and info.n_calls == info.n_iter  # one product per iteration
+    assert len(info.history) == info.n_iter and float(info.history[-1].max()) <= 1e-6
+    assert vals.dtype == torch.float32 and vecs.dtype == torch.float32
+
+
+def test_kq_heads_with_weights(rng):
+    n, heads, d = 600, 3, 16
+    q = clustered(rng, heads * n, d).reshape(heads, n, d)
+    k = q + 0.5 * torch.randn(heads, n, d, generator=rng)
+    weights = torch.rand(heads, generator=rng) + 0.2
+    op = KQAffinity(q, k, head_weights=weights)
+    ref_vals, ref_vecs = top_eigh(ncut_dense(q, k, 1 / math.sqrt(d), weights), 10)
+    vals, vecs = eigsh(op, 10)
+    assert_matches(vals, vecs, ref_vals, ref_vecs)
+
+
+def test_exclude_trivial_returns_the_next_pairs(rng):
+    x = clustered(rng, 600, d=16)
+    op = VVAffinity(x, temperature=0.25)
+    u = F.normalize(x.double(), dim=-1)
+    ref_vals, ref_vecs = top_eigh(ncut_dense(u, u, 4.0), 10, skip=1)
+    vals, vecs = eigsh(op, 10, exclude_trivial=True)
+    assert_matches(vals, vecs, ref_vals, ref_vecs)
+    trivial = op.trivial_eigenvector().double()
+    assert float((trivial @ vecs.double()).abs().max()) < 1e-5
+
+
+def test_warm_start_converges_at_once(rng):
+    x = clustered(rng, 500, d=16)
+    op = VVAffinity(x, temperature=0.3)
+    vals, vecs, cold = eigsh(op, 6, return_info=True)
+    vals2, vecs2, warm = eigsh(op, 6, x0=vecs, return_info=True)
+    assert warm.n_iter <= 2 < cold.n_iter
+    assert min_principal_cosine(vecs, vecs2) >= 0.99999
+    torch.testing.assert_close(vals2, vals, rtol=1e-6, atol=0)
+
+
+def test_dense_tensor_and_callable(rng):
+    n = 300
+    basis = torch.linalg.qr(torch.randn(n, n, generator=rng, dtype=torch.float64))[0]
+    spectrum = 1.0 / (1.0 + torch.arange(n, dtype=torch.float64)) ** 0.7  # decaying, like a kernel
+    sym = (basis * spectrum) @ basis.T
+    sym = 0.5 * (sym + sym.T)
+    ref_vals, ref_vecs = top_eigh(sym, 5)
+    vals, vecs = eigsh(sym, 5)
+    assert vals.dtype == torch.float64
+    assert_matches(vals, vecs, ref_vals, ref_vecs, rel=1e-5)
+    vals, vecs = eigsh(lambda x: (sym @ x.double()).float(), 5, n=n)
+    assert_matches(vals, vecs, ref_vals, ref_vecs, cos=0.999, rel=1e-5)
+
+
+def test_small_operator_fills_the_space(rng):
+    """Block wider than N − k: the search space becomes all of R^N and must still be right."""
+    x = torch.randn(12, 3, generator=rng)
+    op = VVAffinity(x, temperature=0.5)
+    u = F.normalize(x.double(), dim=-1)
+    ref_vals, ref_vecs = top_eigh(ncut_dense(u, u, 2.0), 4)
+    vals, vecs = eigsh(op, 4)
+    assert_matches(vals, vecs, ref_vals, ref_vecs)
+
+
+def test_multilayer_pooled_operator(rng):
+    from spectral_kernels.models.capture import LayerCapture
+
+    def capture(name, grid, heads=2, d=8):
+        n = 1 + grid[0] * grid[1]
+        q = clustered(rng, heads * n, d, clusters=5).reshape(1, heads, n, d)
+        k = q + 0.3 * torch.randn(1, heads, n, d, generator=rng)
+        return LayerCapture(name, q, k, q.clone(), grid, 1)
+
+    caps = [capture("a", (20, 24)), capture("b", (10, 12)), capture("c", (7, 9))]
+    op = multilayer_operator(caps)
+    dense = op.to_dense().double()  # checked against the formulas in test_operators.py
+    dense = 0.5 * (dense + dense.T)
+    ref_vals, ref_vecs = top_eigh(dense, 10)
+    vals, vecs = eigsh(op, 10)
+    assert_matches(vals, vecs, ref_vals, ref_vecs)
+
+
+def test_progress_bar_and_history(rng, capsys):
+    op = VVAffinity(clustered(rng, 200, d=8), temperature=0.3)
+    _, _, info = eigsh(op, 3, progress=True, return_info=True)
+    assert info.history and all(h.shape == (3,) for h in info.history)
+    assert float(info.history[-1].max()) < float(info.history[0].max())
+
+
+def test_max_iter_warns(rng):
+    op = VVAffinity(clustered(rng, 400, d=8), temperature=0.2)
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        _, _, info = eigsh(op, 8, max_iter=1, tol=1e-12, return_info=True)
+    assert not info.converged and info.n_iter == 1
+
+
+def test_noise_floor_stalls_with_a_warning(rng):
+    """Products noisier than tol: stop after the residuals stall instead of running max_iter."""
+    n = 200
+    basis = torch.linalg.qr(torch.randn(n, n, generator=rng, dtype=torch.float64))[0]
+    sym = (basis / (1.0 + torch.arange(n, dtype=torch.float64))) @ basis.T
+    sym = 0.5 * (sym + sym.T)
+
+    def noisy(x):
+        return sym @ x.double() + 1e-7 * torch.randn(x.shape, generator=rng, dtype=torch.float64)
+
+    with pytest.warns(RuntimeWarning, match="stalled"):
+        _, _, info = eigsh(CallableOperator(noisy, n, dtype=torch.float64), 4, tol=1e-12, return_info=True)
+    assert not info.converged and info.n_iter < 200
+
+
+# ----------------------------------------------------------------------------- real features
+@pytest.mark.slow
+def test_dinov2_multilayer_kq(rng):
+    """Exact top-10 of the 12-layer DINOv2 ViT-S/14 attention NCut operator of a skimage image."""
+    models = pytest.importorskip("spectral_kernels.models")
+    if not hasattr(models, "load_model"):
+        pytest.skip("spectral_kernels.models.load_model is not available yet")
+    skimage_data = pytest.importorskip("skimage.data")
+    try:
+        model = models.load_model("dinov2")
+    except (FileNotFoundError, RuntimeError, ImportError) as exc:
+        pytest.skip(f"DINOv2 ONNX weights not available: {exc}")
+    captures = model.capture(skimage_data.astronaut(), size=336)
+    op = multilayer_operator(captures, graph="kq")
+    n = op.shape[0]
+    assert n == 24 * 24
+    # Float64 reference straight from the formulas: per layer, the mean of its heads' NCut matrices.
+    ref = sum(ncut_dense(c.q[0, :, 1:], c.k[0, :, 1:], c.scale) for c in captures) / len(captures)
+    ref_vals, ref_vecs = top_eigh(ref, 10)
+    vals, vecs = eigsh(op, 10)
+    assert_matches(vals, vecs, ref_vals, ref_vecs)
+
+
+@pytest.mark.gpu
+def test_kq_heads_on_cuda(rng):
+    n, heads, d = 2000, 3, 32
+    q = clustered(rng, heads * n, d).reshape(heads, n, d)
+    k = q + 0.5 * torch.randn(heads, n, d, generator=rng)
+    ref_vals, ref_vecs = top_eigh(ncut_dense(q, k, 1 / math.sqrt(d)), 10)
+    vals, vecs = eigsh(KQAffinity(q.cuda(), k.cuda()), 10)
+    assert vecs.device.type == "cuda"
+    assert_matches(vals.cpu(), vecs.cpu(), ref_vals, ref_vecs)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_argument_errors(rng):
+    op = VVAffinity(torch.randn(20, 3, generator=rng))
+    with pytest.raises(ValueError, match="k must be smaller"):
+        eigsh(op, 20)
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        eigsh(op, 0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        eigsh(op, 2.0)
+    with pytest.raises(ValueError, match="after excluding"):
+        eigsh(op, 19, exclude_trivial=True)
+    with pytest.raises(ValueError, match="x0 must be"):
+        eigsh(op, 2, x0=torch.randn(19, 2))
+    with pytest.raises(ValueError, match="x0 has 30 columns"):
+        eigsh(op, 2, x0=torch.randn(20, 30))
+    with pytest.raises(ValueError, match="tol"):
+        eigsh(op, 2, tol=-1.0)
+    with pytest.raises(ValueError, match="needs n"):
+        eigsh(lambda x: x, 2)
+    with pytest.raises(TypeError, match="op must be"):
+        eigsh("matrix", 2)
+
+
+def test_non_symmetric_operators_are_rejected(rng):
+    q, k = torch.randn(30, 4, generator=rng), torch.randn(30, 4, generator=rng)
+    with pytest.raises(ValueError, match="symmetric"):
+        eigsh(KQAffinity(q, k, normalize="row"), 3)
+    with pytest.raises(ValueError, match="symmetric"):
+        eigsh(torch.randn(30, 30, generator=rng), 3)
+    a = torch.randn(30, 30, generator=rng)
+    with pytest.raises(ValueError, match="not symmetric"):  # the random probe catches a callable
+        eigsh(lambda x: a @ x, 3, n=30)
+    with pytest.raises(ValueError, match="known trivial eigenvector"):
+        eigsh(KQAffinity(q.expand(2, 30, 4), k.expand(2, 30, 4)), 3, exclude_trivial=True)
+
+
+def test_nan_and_overflow_are_reported(rng):
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        eigsh(CallableOperator(lambda x: x * float("nan"), 25), 2)
+    q = 40.0 * torch.randn(25, 4, generator=rng)  # exp(τ q·q) overflows fp32 without normalisation
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        eigsh(KQAffinity(q, q, normalize="none"), 2)
