@@ -307,3 +307,27 @@ def test_base_class_is_abstract():
         shape, device, dtype = (3, 3), torch.device("cpu"), torch.float32
     with pytest.raises(NotImplementedError):
         Empty() @ torch.ones(3)
+
+
+def test_knn_graph_is_an_operator_for_eigsh(rng):
+    """A sparse kNN graph goes straight into eigsh; symmetry is detected per normalisation."""
+    from spectral_kernels import eigsh, knn_graph
+    from spectral_kernels.operators import SparseOperator, as_operator
+
+    feats = torch.randn(120, 6, generator=rng).abs()  # non-negative cosines: edges above threshold 0
+    ids = torch.arange(120) // 40
+    sym = knn_graph(feats, feats, n_intra=8, n_inter=4, image_ids=ids, threshold=0.0, normalize="sym")
+    op = as_operator(sym)
+    assert isinstance(op, SparseOperator) and op.is_symmetric
+    dense = sym.to_dense().double()
+    x = torch.randn(120, 3, generator=rng)
+    assert torch.allclose(op @ x, (dense @ x.double()).float(), atol=1e-5)
+    vals, vecs = eigsh(op, 4, tol=1e-7)
+    ref = torch.linalg.eigvalsh(dense).flip(0)[:4]
+    assert torch.allclose(vals.double(), ref, rtol=1e-4, atol=1e-5)
+    walk = as_operator(knn_graph(feats, feats, n_intra=8, n_inter=4, image_ids=ids, threshold=0.0, normalize="row"))
+    assert not walk.is_symmetric
+    dense_walk = walk.to_dense().double()
+    assert torch.allclose(walk.adjoint_matmul(x).double(), dense_walk.T @ x.double(), atol=1e-5)
+    with pytest.raises(TypeError, match="sparse"):
+        SparseOperator(torch.eye(3))

@@ -251,10 +251,13 @@ class CallableOperator(AffinityOperator):
 
 
 def as_operator(op, n: int | None = None) -> AffinityOperator:
-    """An ``AffinityOperator`` from an operator, a dense square tensor, or a callable plus n."""
+    """An ``AffinityOperator`` from an operator, a dense or sparse square tensor, or a callable plus n."""
     if isinstance(op, AffinityOperator):
         return op
     if isinstance(op, Tensor):
+        if op.layout != torch.strided:
+            from .sparse import SparseOperator  # sparse graphs, e.g. knn_graph's CSR
+            return SparseOperator(op)
         return DenseOperator(op)
     if callable(op):
         if n is None:
