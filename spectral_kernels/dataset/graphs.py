@@ -1,0 +1,163 @@
+"""The objective of one batch of images: their tokens form one graph per layer and head.
+
+Both modes compute, for a batch of B images with base-grid features X (B, h0·w0, K):
+
+    per layer l: Z_l = pool(X → grid_l), flattened over the batch (B·N_l, K) and
+                 column-L2-normalised over ALL the batch's tokens (official dataset code)
+    eig_lhk = z_lkᵀ A_lh z_lk,        ortho_l = off-diagonal entries of Z_lᵀ Z_l
+    loss    = w_eig · mean_{l,h,k} |ω_l (eig_lhk − 1)| + w_orth · mean_{l,h} ω_l ortho_l²
+
+with the official layer weight ω_l = side(base grid) / side(layer grid) (32/res there; the
+official code indexes its resolution list by graph number, which is the layer number when a
+layer has one head — here every head of a layer gets that layer's weight) and A_lh:
+
+* ``KnnBatchGraph`` (mode "knn", official): the random-walk normalised kNN graph D⁻¹W of the
+  batch's tokens (n_intra neighbours in the same image, n_inter in the others, cosine >
+  threshold, W = ½(W₀+W₀ᵀ)), built once per batch with ``knn_graph``. All (layer, head) graphs
+  sit in one block-diagonal sparse W, so a step is one sparse product; the gradient uses
+  Wᵀ = W (A z = D⁻¹(W z), Aᵀ g = W (D⁻¹ g)), so no transposed matrix is ever built.
+* ``DenseBatchGraph`` (mode "dense"): the implicit dense graph P = softmax(τ q kᵀ) over all
+  the batch's tokens (intra and inter edges), applied with ``affinity_matmul`` — no N×N
+  array. For VV graphs q = k = unit v and τ = 1/temperature.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..knn import knn_graph
+from ..pooling import GridPooling
+from ..objective import normalize_columns, off_diagonal
+from ..ops import affinity_matmul
+from .features import LayerFeatures
+
+__all__ = ["KnnBatchGraph", "DenseBatchGraph", "block_diagonal_csr", "layer_weight"]
+
+
+def layer_weight(base_grid, grid) -> float:
+    """Official ω_l = 32 / res: the base side over the layer side (geometric mean for non-square)."""
+    return math.sqrt((base_grid[0] * base_grid[1]) / (grid[0] * grid[1]))
+
+
+def block_diagonal_csr(graphs: list[Tensor]) -> Tensor:
+    """Square CSR matrices → one block-diagonal CSR matrix (no dense intermediate)."""
+    crows, cols, vals = [], [], []
+    n_rows = nnz = 0
+    for i, g in enumerate(graphs):
+        crow = g.crow_indices()
+        crows.append(crow[(0 if i == 0 else 1):] + nnz)
+        cols.append(g.col_indices() + n_rows)
+        vals.append(g.values())
+        n_rows += g.shape[0]
+        nnz += g.values().numel()
+    return torch.sparse_csr_tensor(torch.cat(crows), torch.cat(cols), torch.cat(vals), (n_rows, n_rows),
+                                   check_invariants=False)
+
+
+class _SymmetricSparseProduct(torch.autograd.Function):
+    """y = W z for a symmetric sparse W; the backward W g reuses W itself (Wᵀ = W)."""
+
+    @staticmethod
+    def forward(ctx, w, z):
+        ctx.w = w
+        return w @ z
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, ctx.w @ grad
+
+
+def _flat_batch(t: Tensor) -> Tensor:
+    """(B, H, N, d) → (H, B·N, d): the batch's tokens of each head, image after image."""
+    return t.permute(1, 0, 2, 3).flatten(1, 2)
+
+
+class _BatchGraph:
+    """Shared part: pooling, normalisation and the official weighted loss."""
+
+    def __init__(self, layers: list[LayerFeatures], base_grid, n_batch: int):
+        self.base_grid = tuple(base_grid)
+        self.n_batch = n_batch
+        self.poolings = [GridPooling(self.base_grid, lf.grid, 0, "drop") for lf in layers]
+        self.weights = [layer_weight(self.base_grid, lf.grid) for lf in layers]
+        self.heads = [lf.heads for lf in layers]
+
+    def layer_z(self, rows: Tensor) -> list[Tensor]:
+        """rows (B, h0·w0, K) → per layer Z_l (B·N_l, K), unit columns over the batch."""
+        return [normalize_columns(p.pool(rows).flatten(0, 1)) for p in self.poolings]
+
+    def quotients(self, zs: list[Tensor]) -> list[Tensor]:  # per layer (H_l, K)
+        raise NotImplementedError
+
+    def loss(self, rows: Tensor, *, w_eig: float = 1.0, w_orth: float = 1.0) -> Tensor:
+        zs = self.layer_z(rows)
+        eig_sum = ortho_sum = rows.new_zeros(())
+        eig_count = ortho_count = 0
+        for z, eig, w, heads in zip(zs, self.quotients(zs), self.weights, self.heads):
+            eig_sum = eig_sum + (w * (eig - 1.0)).abs().sum()
+            eig_count += eig.numel()
+            ortho = off_diagonal(z.T @ z)
+            # the official code concatenates one copy of ortho per (layer, head)
+            ortho_sum = ortho_sum + heads * w * ortho.pow(2).sum()
+            ortho_count += heads * ortho.numel()
+        return w_eig * eig_sum / eig_count + w_orth * ortho_sum / ortho_count
+
+
+class KnnBatchGraph(_BatchGraph):
+    """Official mode: one kNN graph per (layer, head) over the batch's tokens, D⁻¹W."""
+
+    def __init__(self, layers: list[LayerFeatures], index: Tensor, base_grid, *, n_intra: int, n_inter: int,
+                 threshold: float, device, dtype=torch.float32):
+        super().__init__(layers, base_grid, len(index))
+        blocks, self.sizes = [], []
+        for lf in layers:
+            a = _flat_batch(lf.a[index].to(device, dtype))
+            b = a if lf.b is None else _flat_batch(lf.b[index].to(device, dtype))
+            n_tokens = a.shape[1]
+            ids = torch.arange(len(index), device=device).repeat_interleave(n_tokens // len(index))
+            for h in range(a.shape[0]):
+                q = a[h]
+                k = q if lf.b is None else b[h]
+                blocks.append(knn_graph(q, k, n_intra=n_intra, n_inter=n_inter, image_ids=ids,
+                                        threshold=threshold, normalize="none"))
+            self.sizes.append((a.shape[0], n_tokens))
+        self.w = block_diagonal_csr(blocks)
+        crow = self.w.crow_indices()
+        rows = torch.repeat_interleave(torch.arange(self.w.shape[0], device=crow.device), crow.diff())
+        degree = torch.zeros(self.w.shape[0], dtype=dtype, device=crow.device).index_add_(0, rows, self.w.values())
+        # isolated tokens (no edge above the threshold) get a zero row, as knn_graph's "row" mode
+        self.inv_degree = torch.where(degree > 0, 1.0 / degree, torch.zeros_like(degree))[:, None]
+
+    @property
+    def nnz(self) -> int:
+        return self.w.values().numel()
+
+    def quotients(self, zs: list[Tensor]) -> list[Tensor]:
+        stacked = torch.cat([z.repeat(heads, 1) for z, (heads, _) in zip(zs, self.sizes)])
+        az = self.inv_degree * _SymmetricSparseProduct.apply(self.w, stacked)
+        products = (az * stacked).split([h * n for h, n in self.sizes])
+        return [p.reshape(h, n, -1).sum(1) for p, (h, n) in zip(products, self.sizes)]
+
+
+class DenseBatchGraph(_BatchGraph):
+    """Implicit dense mode: P = softmax(τ q kᵀ) over all the batch's tokens, via the primitive."""
+
+    def __init__(self, layers: list[LayerFeatures], index: Tensor, base_grid, *, graph: str, temperature: float,
+                 device, dtype=torch.float32, backend: str = "auto"):
+        super().__init__(layers, base_grid, len(index))
+        self.backend = backend
+        self.qk = []
+        for lf in layers:
+            q = _flat_batch(lf.a[index].to(device, dtype))
+            k = q if lf.b is None else _flat_batch(lf.b[index].to(device, dtype))
+            scale = 1.0 / temperature if graph == "vv" else lf.scale
+            self.qk.append((q, k, scale))
+
+    def quotients(self, zs: list[Tensor]) -> list[Tensor]:
+        out = []
+        for z, (q, k, scale) in zip(zs, self.qk):
+            pz = affinity_matmul(q, k, z[None], scale=scale, normalize="row", backend=self.backend)
+            out.append((pz * z[None]).sum(-2))                   # (H, K)
+        return out
