@@ -32,6 +32,7 @@ _LAZY = {
     "load_model": "models",
     "list_models": "models",
     "load_image": "images",
+    "analyze_dataset": "dataset",
     "ncut_loss": "objective",
     "knn_graph": "knn",
 }

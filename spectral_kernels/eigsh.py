@@ -11,9 +11,18 @@ eigenproblem — is float64, so the solver adds no error beyond the products' ow
 
 Residuals are relative: ‖A x_i − λ_i x_i‖ / max_j |λ_j|. A known trivial eigenvector
 (``op.trivial_eigenvector()``, ∝ sqrt(d) for an NCut operator) can be deflated.
+
+Row algebra: the iteration touches the rows of its N×b blocks only through a few
+reductions — Gram matrices AᵀB, column norms, the finite check, the sign convention —
+and the random start rows. It takes them from a row-algebra object (``LocalRows`` here);
+an operator whose rows are split over processes supplies a collective one through
+``op.row_algebra()`` (``ShardedOperator``: all-reduced Grams, small eigensolves broadcast
+from one rank), so this one LOBPCG also runs sharded, as ``distributed_eigsh`` does. The
+algebra's small matrices are replicated, hence so is every decision of the iteration.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -24,7 +33,7 @@ from torch import Tensor
 from ._validation import check_tensor
 from .operators.base import AffinityOperator, as_operator
 
-__all__ = ["eigsh", "EigshInfo"]
+__all__ = ["eigsh", "EigshInfo", "LocalRows", "LobpcgState"]
 
 # Stop (with a warning) when the largest residual has not improved by STALL_FACTOR in
 # STALL_PATIENCE iterations: tol is below what the operator's fp32 products can resolve.
@@ -47,6 +56,70 @@ class EigshInfo:
     history: list = field(default_factory=list)
 
 
+class LocalRows:
+    """Row algebra of blocks whose ``n_local`` rows all live in this process (the default).
+
+    The interface a collective algebra implements too: ``n_local`` (rows held here),
+    ``rows_label`` (how messages name them), ``gram(a, b)`` (the global AᵀB, replicated),
+    ``col_norms(v)``, ``all_finite(y)`` (true on every process or on none), ``eigh(sym)``
+    (of a replicated symmetric matrix, identical everywhere) and ``all_gather(row)`` ((P, m)
+    from each process's (m,)).
+    """
+
+    rows_label = "N"
+
+    def __init__(self, n_local: int):
+        self.n_local = n_local
+
+    def gram(self, a: Tensor, b: Tensor) -> Tensor:
+        return a.T @ b
+
+    def col_norms(self, v: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(v, dim=0)
+
+    def all_finite(self, y: Tensor) -> bool:
+        return bool(torch.isfinite(y).all())
+
+    def eigh(self, sym: Tensor) -> tuple[Tensor, Tensor]:
+        evals, evecs = torch.linalg.eigh(sym.cpu())  # tiny: the CPU beats a GPU launch here
+        return evals.to(sym.device), evecs.to(sym.device)
+
+    def all_gather(self, row: Tensor) -> Tensor:
+        return row[None]
+
+
+@dataclass
+class LobpcgState:
+    """The iteration's state after ``iteration`` complete iterations (enough to resume it exactly).
+
+    X, AX: Ritz vectors and their images (rows held here); P, AP: search directions (None
+    before the first iteration); evals: the Ritz values; history: residuals per iteration;
+    calls, columns: operator applications and columns applied so far.
+    """
+    X: Tensor
+    AX: Tensor
+    P: Tensor | None
+    AP: Tensor | None
+    evals: Tensor
+    history: list
+    iteration: int
+    calls: int
+    columns: int
+
+
+@dataclass
+class _Problem:
+    """A validated eigenproblem: what every LOBPCG run needs besides its start."""
+    op: AffinityOperator
+    algebra: object
+    k: int
+    tol: float
+    max_iter: int
+    width: int
+    deflate: Tensor | None
+    name: str
+
+
 def _check_k(k, n, n_deflated):
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
@@ -58,129 +131,250 @@ def _check_k(k, n, n_deflated):
         raise ValueError(f"k must be smaller than the operator size N = {n}{extra} (k < {available}), got {k}")
 
 
-def _orthonormalize(v: Tensor, against: list[Tensor], rank_tol: float = 1e-10) -> Tensor:
+def _project_out(v: Tensor, against: list, algebra) -> Tensor:
+    for basis in against:
+        if basis is not None and basis.shape[1]:
+            v = v - basis @ algebra.gram(basis, v)
+    return v
+
+
+def _orthonormalize(v: Tensor, against: list, algebra, rank_tol: float = 1e-10) -> Tensor:
     """Columns of v made orthogonal to every block in ``against`` and orthonormal.
 
     Two rounds of block Gram–Schmidt, then an eigendecomposition of the Gram matrix
     (SVQB): directions that cancelled out (relative norm < rank_tol) are dropped.
     """
     for _ in range(2):
-        for basis in against:
-            if basis is not None and basis.shape[1]:
-                v = v - basis @ (basis.T @ v)
+        v = _project_out(v, against, algebra)
     if v.shape[1] == 0:
         return v
-    norms = torch.linalg.vector_norm(v, dim=0)
+    norms = algebra.col_norms(v)
     keep = norms > rank_tol * max(float(norms.max()), 1e-300)
     v = v[:, keep] / norms[keep]
     if v.shape[1] == 0:
         return v
     for _ in range(2):  # twice: one SVQB pass leaves O(ε·cond) loss of orthogonality
-        gram = v.T @ v
-        evals, evecs = torch.linalg.eigh(gram)
+        evals, evecs = algebra.eigh(algebra.gram(v, v))
         keep = evals > rank_tol * float(evals.max())
         v = v @ (evecs[:, keep] / evals[keep].sqrt())
-        for basis in against:  # the final projection keeps orthogonality to ε
-            if basis is not None and basis.shape[1]:
-                v = v - basis @ (basis.T @ v)
+        v = _project_out(v, against, algebra)  # the final projection keeps orthogonality to ε
     return v
 
 
 class _Applier:
     """Operator products in the operator's dtype with float64 in and out; counts and checks them."""
 
-    def __init__(self, op: AffinityOperator, deflate: Tensor | None):
-        self.op, self.deflate = op, deflate
+    def __init__(self, op: AffinityOperator, deflate: Tensor | None, algebra):
+        self.op, self.deflate, self.algebra = op, deflate, algebra
         self.calls = self.columns = 0
 
     def __call__(self, x64: Tensor) -> Tensor:
         y = self.op.matmul(x64.to(self.op.dtype))
         self.calls += 1
         self.columns += x64.shape[1]
-        if not bool(torch.isfinite(y).all()):
+        if not self.algebra.all_finite(y):  # collective for sharded rows: every rank raises together
             raise ValueError("the operator returned NaN or Inf (an unnormalised exp(τ·q·k) overflows in fp32: "
                              "use normalize='sym' or 'row', or smaller scores)")
         y = y.to(torch.float64)
         if self.deflate is not None:
-            y = y - self.deflate @ (self.deflate.T @ y)
+            y = y - self.deflate @ self.algebra.gram(self.deflate, y)
         return y
 
 
-def _initial_block(x0, n, width, deflate, device, generator):
+class _StallWatch:
+    """Flags STALL_PATIENCE iterations without the largest residual improving by STALL_FACTOR."""
+
+    def __init__(self, history: list):
+        self.best, self.best_iter = math.inf, 0
+        for it, residuals in enumerate(history, start=1):  # a resumed run picks up where it stopped
+            self.stalled(it, residuals)
+
+    def stalled(self, it: int, residuals: Tensor) -> bool:
+        worst = float(residuals.max())
+        if worst < STALL_FACTOR * self.best:
+            self.best, self.best_iter = worst, it
+            return False
+        return it - self.best_iter >= STALL_PATIENCE
+
+
+def _setup(op: AffinityOperator, algebra, k, *, tol, max_iter, block_size, exclude_trivial, name) -> _Problem:
+    """Validate the arguments shared by ``eigsh`` and ``distributed_eigsh``; deflation vector, block width."""
+    if not op.is_symmetric:
+        raise ValueError(f"{name} needs a symmetric operator, got {op!r} (is_symmetric=False); "
+                         "use normalize='sym' for attention graphs")
+    n_rows = op.shape[0]
+    if op.shape[0] != op.shape[1]:
+        raise ValueError(f"the operator must be square, got shape {op.shape}")
+    if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    max_iter = 1000 if max_iter is None else max_iter
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+
+    deflate = None
+    if exclude_trivial:
+        u = op.trivial_eigenvector()
+        if u is None:
+            raise ValueError(f"exclude_trivial=True needs an operator with a known trivial eigenvector "
+                             f"(single-head normalize='sym'); {op!r} has none — ask for k + 1 pairs and "
+                             f"drop the first instead")
+        deflate = u.to(torch.float64).reshape(-1, 1)
+        deflate = deflate / algebra.col_norms(deflate)
+    _check_k(k, n_rows, 0 if deflate is None else 1)
+    available = n_rows - (0 if deflate is None else 1)
+    width = block_size if block_size is not None else k + max(8, k // 2)
+    if not isinstance(width, int) or width < k:
+        raise ValueError(f"block_size must be an int ≥ k = {k}, got {block_size!r}")
+    return _Problem(op, algebra, k, tol, max_iter, min(width, available), deflate, name)
+
+
+def _initial_block(problem: _Problem, x0, generator) -> Tensor:
+    """Orthonormal (n_local, width) start: x0's columns, then random ones drawn from ``generator``."""
+    algebra, width, device = problem.algebra, problem.width, problem.op.device
+    n, label = algebra.n_local, algebra.rows_label
     if x0 is None:
         start = torch.empty(n, 0, dtype=torch.float64, device=device)
     else:
         check_tensor("x0", x0, min_dim=1)
         if x0.dim() > 2 or x0.shape[0] != n:
-            raise ValueError(f"x0 must be (N,) or (N, j) with N = {n}, got shape {tuple(x0.shape)}")
+            raise ValueError(f"x0 must be ({label},) or ({label}, j) with {label} = {n}, got shape {tuple(x0.shape)}")
         start = (x0.unsqueeze(1) if x0.dim() == 1 else x0).to(device=device, dtype=torch.float64)
         if start.shape[1] > width:
             raise ValueError(f"x0 has {start.shape[1]} columns, more than the block size {width}")
     # x0 first and on its own: the orthonormalisation rotates within a block, and the
     # warm-start span must survive intact.
-    start = _orthonormalize(start, [deflate])
+    start = _orthonormalize(start, [problem.deflate], algebra)
     rand = torch.randn(n, width - start.shape[1], dtype=torch.float64, generator=generator).to(device)
-    return torch.cat([start, _orthonormalize(rand, [deflate, start])], dim=1)
+    block = torch.cat([start, _orthonormalize(rand, [problem.deflate, start], algebra)], dim=1)
+    if block.shape[1] < problem.k:
+        raise ValueError(f"could not build {problem.k} independent start vectors "
+                         f"(x0 rank-deficient on a tiny operator)")
+    return block
 
 
-def _rayleigh_ritz(basis, image, width):
+def _rayleigh_ritz(basis, image, width, algebra):
     """Top-``width`` Ritz pairs of the operator on span(basis) (orthonormal columns)."""
-    projected = basis.T @ image
+    projected = algebra.gram(basis, image)
     projected = 0.5 * (projected + projected.T)
-    evals, evecs = torch.linalg.eigh(projected.cpu())  # tiny: the CPU beats a GPU launch here
+    evals, evecs = algebra.eigh(projected)
     order = torch.argsort(evals, descending=True)[:width]
-    return evals[order], evecs[:, order].to(basis.device)
+    return evals[order], evecs[:, order]
 
 
-def _lobpcg(apply, X, k, tol, max_iter, deflate, bar):
-    """Block LOBPCG from the orthonormal start block X; returns (Ritz values, vectors, state)."""
-    width = X.shape[1]
+def _first_state(problem: _Problem, apply: _Applier, X: Tensor) -> LobpcgState:
+    """Symmetry probe and the first Rayleigh–Ritz step on the start block."""
     AX = apply(X)
-    asym = _asymmetry(X, AX)
+    gram = problem.algebra.gram(X, AX)
+    # max |⟨x_i, A x_j⟩ − ⟨A x_i, x_j⟩| relative to max |⟨x_i, A x_j⟩|, from products already made
+    asym = float((gram - gram.T).abs().max()) / max(float(gram.abs().max()), torch.finfo(torch.float64).tiny)
     if asym > SYMMETRY_RTOL:
         raise ValueError(f"the operator is not symmetric: ⟨x, Ay⟩ and ⟨Ax, y⟩ differ by {asym:.2e} (relative) "
-                         f"on random vectors; eigsh needs a symmetric operator")
-    evals, coeffs = _rayleigh_ritz(X, AX, width)
-    X, AX = X @ coeffs, AX @ coeffs
-    P = AP = None
-    state = {"converged": False, "stalled": False, "n_iter": 0, "history": [], "residuals": None}
-    best, best_iter = math.inf, 0
-    for it in range(1, max_iter + 1):
-        state["n_iter"] = it
-        R = AX - X * evals.to(X.device)
+                         f"on random vectors; {problem.name} needs a symmetric operator")
+    evals, coeffs = _rayleigh_ritz(X, AX, X.shape[1], problem.algebra)
+    return LobpcgState(X @ coeffs, AX @ coeffs, None, None, evals, [], 0, apply.calls, apply.columns)
+
+
+def _lobpcg(problem: _Problem, apply: _Applier, state: LobpcgState, bar, callback):
+    """Iterate from ``state``, updated in place after every complete iteration.
+
+    Returns (converged, stalled, iterations run in all, final residuals); ``state`` then
+    holds the Ritz pairs the loop ended with.
+    """
+    algebra, k, tol, width, deflate = problem.algebra, problem.k, problem.tol, problem.width, problem.deflate
+    X, AX, P, AP, evals, history = state.X, state.AX, state.P, state.AP, state.evals, state.history
+    device = X.device
+    watch = _StallWatch(history)
+    converged = stalled = False
+    # a run resumed at or past max_iter does no iteration: its last residuals stand
+    residuals = history[-1] if history else torch.full((k,), math.inf)
+    n_iter = state.iteration
+    for n_iter in range(state.iteration + 1, problem.max_iter + 1):
+        R = AX - X * evals.to(device)
         scale = max(float(evals.abs().max()), torch.finfo(torch.float64).tiny)
-        rel = (torch.linalg.vector_norm(R, dim=0) / scale).cpu()
-        residuals = state["residuals"] = rel[:k]
-        state["history"].append(residuals.clone())
+        rel = (algebra.col_norms(R) / scale).cpu()
+        residuals = rel[:k]
+        history.append(residuals.clone())
         if bar is not None:
             bar.update(1)
             bar.set_postfix(residual=f"{float(residuals.max()):.1e}")
         if bool((residuals <= tol).all()):
-            state["converged"] = True
+            converged = True
             break
-        worst = float(residuals.max())
-        if worst < STALL_FACTOR * best:
-            best, best_iter = worst, it
-        elif it - best_iter >= STALL_PATIENCE:
-            state["stalled"] = True
+        if watch.stalled(n_iter, residuals):
+            stalled = True
             break
         # Soft locking: only the residuals of unconverged columns enter the search space.
-        W = _orthonormalize(R[:, (rel > tol).to(X.device)], [deflate, X, P])
+        W = _orthonormalize(R[:, (rel > tol).to(device)], [deflate, X, P], algebra)
         if W.shape[1] == 0:  # the residuals lie in the current space: nothing left to find
-            state["converged"] = bool((residuals <= max(tol, 1e-12)).all())
+            converged = bool((residuals <= max(tol, 1e-12)).all())
             break
         AW = apply(W)
         basis = torch.cat([X, W] + ([P] if P is not None else []), dim=1)
         image = torch.cat([AX, AW] + ([AP] if AP is not None else []), dim=1)
-        evals, coeffs = _rayleigh_ritz(basis, image, width)
+        evals, coeffs = _rayleigh_ritz(basis, image, width, algebra)
         X, AX = basis @ coeffs, image @ coeffs
         # New search directions: the [W, P] part of the new Ritz vectors, made orthonormal
-        # and orthogonal to X within the (orthonormal) coefficient space.
+        # and orthogonal to X within the (orthonormal, replicated) coefficient space — local algebra.
         dirs = coeffs.clone()
         dirs[:width] = 0
-        dirs = _orthonormalize(dirs, [coeffs])
+        dirs = _orthonormalize(dirs, [coeffs], LocalRows(dirs.shape[0]))
         P, AP = basis @ dirs, image @ dirs
-    return evals, X, state
+        state.X, state.AX, state.P, state.AP, state.evals = X, AX, P, AP, evals
+        state.iteration, state.calls, state.columns = n_iter, apply.calls, apply.columns
+        if callback is not None:
+            callback(state)
+    return converged, stalled, n_iter, residuals
+
+
+def _solve(problem: _Problem, start, *, progress=False, callback=None, return_info=False):
+    """Run LOBPCG from a start block (Tensor) or a saved ``LobpcgState``; the public return value.
+
+    ``callback(state)`` is called after every complete iteration (e.g. to checkpoint it).
+    Warnings are issued at the caller of the public function (stacklevel 3).
+    """
+    op, k, name = problem.op, problem.k, problem.name
+    apply = _Applier(op, problem.deflate, problem.algebra)
+    if isinstance(start, LobpcgState):
+        state = dataclasses.replace(start, history=list(start.history))  # the caller's copy stays as saved
+        apply.calls, apply.columns = state.calls, state.columns
+    else:
+        state = _first_state(problem, apply, start)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=problem.max_iter, initial=state.iteration, desc=name, leave=False)
+    try:
+        converged, stalled, n_iter, residuals = _lobpcg(problem, apply, state, bar, callback)
+    finally:
+        if bar is not None:
+            bar.close()
+    worst, tol = float(residuals.max()), problem.tol
+    if stalled:
+        warnings.warn(f"{name} stopped after {n_iter} iterations: the largest relative residual stalled at "
+                      f"{worst:.2e} > tol = {tol:g}, likely the noise floor of the operator's "
+                      f"{op.dtype} products; use a larger tol", RuntimeWarning, stacklevel=3)
+    elif not converged:
+        warnings.warn(f"{name} did not converge in {n_iter} iterations: largest relative residual "
+                      f"{worst:.2e} > tol = {tol:g}", RuntimeWarning, stacklevel=3)
+
+    vals = state.evals[:k].to(device=op.device, dtype=op.dtype)
+    vecs = _fix_signs(state.X[:, :k], problem.algebra).to(op.dtype)
+    if return_info:
+        info = EigshInfo(converged=converged, n_iter=n_iter, n_calls=apply.calls,
+                         n_columns=apply.columns, residuals=residuals, history=state.history)
+        return vals, vecs, info
+    return vals, vecs
+
+
+def _fix_signs(vecs: Tensor, algebra) -> Tensor:
+    """Deterministic signs: the largest-magnitude entry of each (global) eigenvector is positive."""
+    columns = torch.arange(vecs.shape[1], device=vecs.device)
+    pivot = vecs.abs().argmax(dim=0)
+    table = algebra.all_gather(vecs[pivot, columns].contiguous())  # (P, k): each process's largest entry
+    owner = table.abs().argmax(dim=0)                              # first on ties = lowest global row
+    signs = torch.sign(table[owner, columns])
+    signs[signs == 0] = 1
+    return vecs * signs
 
 
 def eigsh(op, k: int, *, tol: float = 1e-6, max_iter: int | None = None, x0: Tensor | None = None,
@@ -191,6 +385,8 @@ def eigsh(op, k: int, *, tol: float = 1e-6, max_iter: int | None = None, x0: Ten
     Args:
         op: an ``AffinityOperator`` (KQAffinity, VVAffinity, sums, pooled...), a dense
             symmetric (N, N) tensor, or a callable X (N, m) → (N, m) together with ``n``.
+            An operator with ``row_algebra()`` (a ``ShardedOperator``) is solved on its
+            row shards, collectively; ``distributed_eigsh`` adds per-rank seeds and checkpoints.
         k: number of eigenpairs, 1 ≤ k < N.
         tol: relative residual ‖A x − λ x‖ / max|λ| at which a pair counts as converged.
         max_iter: iteration cap (default 1000); on reaching it — or when the residuals stop
@@ -211,71 +407,9 @@ def eigsh(op, k: int, *, tol: float = 1e-6, max_iter: int | None = None, x0: Ten
         entry is positive. With return_info, (eigenvalues, eigenvectors, info).
     """
     A = as_operator(op, n)
-    if not A.is_symmetric:
-        raise ValueError(f"eigsh needs a symmetric operator, got {A!r} (is_symmetric=False); "
-                         "use normalize='sym' for attention graphs")
-    n_rows = A.shape[0]
-    if A.shape[0] != A.shape[1]:
-        raise ValueError(f"the operator must be square, got shape {A.shape}")
-    if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
-    max_iter = 1000 if max_iter is None else max_iter
-    if not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    device = A.device
-
-    deflate = None
-    if exclude_trivial:
-        u = A.trivial_eigenvector()
-        if u is None:
-            raise ValueError(f"exclude_trivial=True needs an operator with a known trivial eigenvector "
-                             f"(single-head normalize='sym'); {A!r} has none — ask for k + 1 pairs and "
-                             f"drop the first instead")
-        deflate = (u / torch.linalg.vector_norm(u)).to(torch.float64).reshape(n_rows, 1)
-    _check_k(k, n_rows, 0 if deflate is None else 1)
-    available = n_rows - (0 if deflate is None else 1)
-    width = block_size if block_size is not None else k + max(8, k // 2)
-    if not isinstance(width, int) or width < k:
-        raise ValueError(f"block_size must be an int ≥ k = {k}, got {block_size!r}")
-    width = min(width, available)
-
-    apply = _Applier(A, deflate)
-    X = _initial_block(x0, n_rows, width, deflate, device, generator)
-    if X.shape[1] < k:
-        raise ValueError(f"could not build {k} independent start vectors (x0 rank-deficient on a tiny operator)")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=max_iter, desc="eigsh", leave=False)
-    try:
-        evals, X, state = _lobpcg(apply, X, k, tol, max_iter, deflate, bar)
-    finally:
-        if bar is not None:
-            bar.close()
-    worst = float(state["residuals"].max())
-    if state["stalled"]:
-        warnings.warn(f"eigsh stopped after {state['n_iter']} iterations: the largest relative residual stalled at "
-                      f"{worst:.2e} > tol = {tol:g}, likely the noise floor of the operator's "
-                      f"{A.dtype} products; use a larger tol", RuntimeWarning, stacklevel=2)
-    elif not state["converged"]:
-        warnings.warn(f"eigsh did not converge in {state['n_iter']} iterations: largest relative residual "
-                      f"{worst:.2e} > tol = {tol:g}", RuntimeWarning, stacklevel=2)
-
-    vecs = X[:, :k]
-    # Deterministic signs: the largest-magnitude entry of each eigenvector is positive.
-    pivot = vecs.abs().argmax(dim=0)
-    signs = torch.sign(vecs[pivot, torch.arange(k, device=device)])
-    signs[signs == 0] = 1
-    vals = evals[:k].to(device=device, dtype=A.dtype)
-    vecs = (vecs * signs).to(A.dtype)
-    if return_info:
-        info = EigshInfo(converged=state["converged"], n_iter=state["n_iter"], n_calls=apply.calls,
-                         n_columns=apply.columns, residuals=state["residuals"], history=state["history"])
-        return vals, vecs, info
-    return vals, vecs
-
-
-def _asymmetry(x: Tensor, ax: Tensor) -> float:
-    """max |⟨x_i, A x_j⟩ − ⟨A x_i, x_j⟩| relative to max |⟨x_i, A x_j⟩|, from products already made."""
-    gram = x.T @ ax
-    return float((gram - gram.T).abs().max()) / max(float(gram.abs().max()), torch.finfo(torch.float64).tiny)
+    row_algebra = getattr(A, "row_algebra", None)
+    algebra = row_algebra() if row_algebra is not None else LocalRows(A.shape[0])
+    problem = _setup(A, algebra, k, tol=tol, max_iter=max_iter, block_size=block_size,
+                     exclude_trivial=exclude_trivial, name="eigsh")
+    start = _initial_block(problem, x0, generator)
+    return _solve(problem, start, progress=progress, return_info=return_info)

@@ -29,6 +29,7 @@ from spectral_kernels.distributed import (ShardedKQAffinity, ShardedVVAffinity, 
                                           local_rows_of, row_partition)
 from spectral_kernels.distributed.eigsh import distributed_eigsh  # noqa: E402
 from spectral_kernels.distributed.knn import sharded_knn_graph  # noqa: E402
+from spectral_kernels.eigsh import eigsh  # noqa: E402
 from spectral_kernels.distributed.solver import sharded_fit, sharded_objective  # noqa: E402
 from spectral_kernels.knn import knn_graph  # noqa: E402
 from spectral_kernels.operators import KQAffinity, VVAffinity  # noqa: E402
@@ -112,6 +113,9 @@ def _eigen(data, counts, rank, tmp) -> dict:
     vv = ShardedVVAffinity(_rows(data["v"], counts, rank), temperature=0.5, normalize="sym")
     out["eig/vv/vals"], out["eig/vv/vecs"] = distributed_eigsh(vv, K_EIG, tol=1e-6)
     out["eig/sum/vals"], out["eig/sum/vecs"] = distributed_eigsh(0.7 * op + 0.3 * vv, K_EIG, tol=1e-6)
+    # the single-process entry point on a sharded operator: op.row_algebra() makes its reductions collective
+    out["eig/plain/vals"], out["eig/plain/vecs"] = eigsh(op, K_EIG, tol=1e-6,
+                                                        generator=torch.Generator().manual_seed(7 + rank))
 
     # checkpoints: stop after 3 iterations, lose rank 0's newest slot (as if it died while
     # writing it), resume: the ranks agree on iteration 2 and finish exactly as without a stop
@@ -359,6 +363,11 @@ def test_eigenvectors_match_one_process(run, case):
     # sign convention: the largest-magnitude entry of each vector is positive
     pivot = got_vecs.abs().argmax(dim=0)
     assert bool((got_vecs[pivot, torch.arange(K_EIG)] > 0).all())
+
+
+def test_single_process_eigsh_solves_a_sharded_operator(run):
+    """eigsh itself on a ShardedKQAffinity: the same LOBPCG, collective through row_algebra()."""
+    test_eigenvectors_match_one_process(run, "plain")
 
 
 def test_eigsh_resumes_from_the_newest_common_checkpoint(run):

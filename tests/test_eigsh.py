@@ -178,6 +178,39 @@ def test_noise_floor_stalls_with_a_warning(rng):
     assert not info.converged and info.n_iter < 200
 
 
+@pytest.mark.parametrize("tol, stops", [(1e-5, "converged"), (1e-12, "stalled")])
+def test_saved_state_resumes_bit_for_bit(rng, tol, stops):
+    """The solver state handed to the per-iteration callback restarts the run exactly (the
+    mechanism behind distributed_eigsh's checkpoints), stall detection included."""
+    import dataclasses
+
+    from spectral_kernels.eigsh import LobpcgState, LocalRows, _initial_block, _setup, _solve
+    op = VVAffinity(clustered(rng, 300, d=8), temperature=0.3)
+    problem = _setup(op, LocalRows(300), 4, tol=tol, max_iter=300, block_size=None, exclude_trivial=False,
+                     name="eigsh")
+    saved = {}
+
+    def keep(state):
+        if state.iteration == 3:
+            saved["state"] = dataclasses.replace(state, history=list(state.history))
+
+    start = _initial_block(problem, None, rng)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        whole = _solve(problem, start, callback=keep, return_info=True)
+        resumed = _solve(problem, saved["state"], return_info=True)
+    assert isinstance(saved["state"], LobpcgState) and saved["state"].iteration == 3
+    assert whole[2].converged == (stops == "converged") and resumed[2].converged == whole[2].converged
+    if stops == "stalled":
+        assert sum("stalled" in str(w.message) for w in caught) == 2
+    torch.testing.assert_close(resumed[0], whole[0], rtol=0, atol=0)
+    torch.testing.assert_close(resumed[1], whole[1], rtol=0, atol=0)
+    for field in ("n_iter", "n_calls", "n_columns"):
+        assert getattr(resumed[2], field) == getattr(whole[2], field), field
+    assert whole[2].n_iter > 3 and len(resumed[2].history) == whole[2].n_iter
+    torch.testing.assert_close(torch.stack(resumed[2].history), torch.stack(whole[2].history), rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- real features
 @pytest.mark.slow
 def test_dinov2_multilayer_kq(rng):

@@ -31,7 +31,8 @@ the full ring, for all three normalisations and the "row" adjoint.
 
 Degrees: r (row LSE) and c (column LSE) of the local rows come from one ring pass of
 (q_s, k_s): r_p = ⊕_s lse(q_p, k_s), c_p = ⊕_s lse(k_p, q_s) with ⊕ = logaddexp.
-Small dense algebra for the eigensolver goes through ``gram`` (an all-reduce).
+Small dense algebra for the eigensolver goes through ``row_algebra()`` (``ShardedRows``:
+``gram`` and norms all-reduced, small eigensolves broadcast from rank 0).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ from ..ops._layout import compute_dtype
 from .ring import ring_pass
 from .shards import ShardLayout, agree
 
-__all__ = ["ShardedOperator", "ShardedSumOperator", "ShardedKQAffinity", "ShardedVVAffinity"]
+__all__ = ["ShardedOperator", "ShardedSumOperator", "ShardedKQAffinity", "ShardedVVAffinity", "ShardedRows"]
 
 _NORMALIZE_CODE = {name: i for i, name in enumerate(NORMALIZE_MODES)}
 
@@ -109,6 +110,10 @@ class ShardedOperator(AffinityOperator):
         dist.all_reduce(out, group=self.group)
         return out
 
+    def row_algebra(self) -> "ShardedRows":
+        """The eigensolver's reductions over rows, made collective for this operator's shards."""
+        return ShardedRows(self)
+
     def to_dense(self):
         raise NotImplementedError("a sharded operator is never materialised; gather products instead")
 
@@ -136,6 +141,46 @@ class ShardedOperator(AffinityOperator):
         return ShardedSumOperator([(float(scalar), self)])
 
     __rmul__ = __mul__
+
+
+class ShardedRows:
+    """``spectral_kernels.eigsh``'s row algebra for blocks row-sharded like ``op``.
+
+    Grams and norms are all-reduced and the finite check is a logical or over ranks, so
+    every rank sees the same small matrices and takes the same decisions. The small
+    eigendecompositions are broadcast from rank 0, so that ranks can never drift apart,
+    even on a library whose eigh is not bitwise reproducible. Every method is collective.
+    """
+
+    rows_label = "n_local"
+
+    def __init__(self, op: ShardedOperator):
+        self.op, self.layout = op, op.layout
+        self.n_local = op.n_local
+
+    def gram(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.op.gram(a, b)
+
+    def col_norms(self, v: Tensor) -> Tensor:
+        sq = (v * v).sum(dim=0)
+        dist.all_reduce(sq, group=self.layout.group)
+        return sq.sqrt()
+
+    def all_finite(self, y: Tensor) -> bool:
+        bad = torch.tensor([0.0 if bool(torch.isfinite(y).all()) else 1.0], dtype=torch.float64, device=self.op.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.layout.group)
+        return not bool(bad.item() > 0)
+
+    def eigh(self, sym: Tensor) -> tuple[Tensor, Tensor]:
+        evals, evecs = torch.linalg.eigh(sym.cpu())
+        packed = torch.cat([evals[None], evecs]).to(sym.device)
+        dist.broadcast(packed, src=self.layout.peer(0), group=self.layout.group)
+        return packed[0], packed[1:]
+
+    def all_gather(self, row: Tensor) -> Tensor:
+        gathered = [torch.empty_like(row) for _ in range(self.layout.world_size)]
+        dist.all_gather(gathered, row.contiguous(), group=self.layout.group)
+        return torch.stack(gathered)
 
 
 class ShardedSumOperator(ShardedOperator):
