@@ -70,7 +70,9 @@ def _make_data(seed: int, n: int) -> dict:
         "v": base + 0.3 * torch.randn(HEADS, n, D, generator=g),
         "x": torch.randn(n, M, generator=g),
         "feat": torch.randn(n, 6, generator=g),
-        "ids": torch.randint(0, 4, (n,), generator=g),
+        # 4 images in random token order, each with ≥ n // 4 ≥ 9 tokens: enough for n_intra = 3
+        # (independent random ids could leave an image with too few tokens for the kNN check).
+        "ids": (torch.arange(n) % 4)[torch.randperm(n, generator=g)],
         "theta": torch.randn(n, N_FEAT, generator=g),
     }
 
