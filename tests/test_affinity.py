@@ -72,6 +72,10 @@ def test_small_tiles_cover_every_row_and_column(rng, backend, monkeypatch):
     assert (r.double() - torch.logsumexp(q.double() @ k.double().transpose(1, 2) / math.sqrt(5), -1)).abs().max() < 1e-5
     qs, xs = randn(rng, 2, 300, 5), randn(rng, 2, 300, 3)
     a = randn(rng, 2, 300, scale=0.2)
+    # q is k: the row LSE comes from the upper-triangle tiles only
+    r = sk.affinity_logsumexp(qs, qs, backend=backend)
+    ref = torch.logsumexp(qs.double() @ qs.double().transpose(1, 2) / math.sqrt(5), -1)
+    assert (r.double() - ref).abs().max() < 1e-5
     for kk in (qs, randn(rng, 2, 300, 5)):
         y = sk.affinity_symmetric_matmul(qs, kk, xs, offset=a, backend=backend)
         assert rel_err(y, formula_symmetric(qs, kk, xs, a)) < 2e-5
@@ -169,6 +173,10 @@ def test_extreme_scales_stay_finite_with_log_space_offsets(rng, backend):
     assert rel_err(y, formula_matmul(q, k, x, scale=scale, normalize="row")) < tol
     r = sk.affinity_logsumexp(q, k, scale=scale, backend=backend)
     c = sk.affinity_logsumexp(k, q, scale=scale, backend=backend)
+    # the same tensor as q and k takes the triangle path, whose column sums must not underflow
+    r_same = sk.affinity_logsumexp(q, q, scale=scale, backend=backend)
+    exact = torch.logsumexp(scale * q.double() @ q.double().t(), -1)
+    assert ((r_same.double() - exact).abs() / exact.abs()).max() < 1e-6
     a = 0.5 * (torch.logaddexp(r, c) - math.log(2))
     y = sk.affinity_symmetric_matmul(q, k, x, scale=scale, offset=a, backend=backend)
     assert torch.isfinite(y).all()

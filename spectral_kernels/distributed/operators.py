@@ -46,9 +46,10 @@ from torch import Tensor
 
 from .._validation import check_positive, check_same_device, check_tensor
 from ..operators.affinity import NORMALIZE_MODES, _as_heads, _head_weights
-from ..operators.base import AffinityOperator
+from ..operators.base import AffinityOperator, SumOperator
 from ..ops import affinity_logsumexp, affinity_matmul, affinity_symmetric_matmul
 from ..ops._layout import compute_dtype
+from ..ops.affinity import resolve_scale
 from .ring import ring_pass
 from .shards import ShardLayout, agree
 
@@ -183,8 +184,12 @@ class ShardedRows:
         return torch.stack(gathered)
 
 
-class ShardedSumOperator(ShardedOperator):
-    """Σ_t w_t·op_t of sharded operators on the same row shards (nested sums flatten)."""
+class ShardedSumOperator(ShardedOperator, SumOperator):
+    """Σ_t w_t·op_t of sharded operators on the same row shards (nested sums flatten).
+
+    Only the construction differs from ``SumOperator`` (terms must share row shards and
+    process group); the products and the trivial eigenvector are SumOperator's.
+    """
 
     def __init__(self, terms):
         flat = []
@@ -208,35 +213,6 @@ class ShardedSumOperator(ShardedOperator):
         self.shape, self.device = first.shape, first.device
         self.dtype = torch.float64 if any(op.dtype == torch.float64 for _, op in flat) else torch.float32
         self.is_symmetric = all(op.is_symmetric for _, op in flat)
-
-    def _matmul(self, x):
-        out = None
-        for weight, op in self.terms:
-            y = op._matmul(x.to(op.dtype)).to(self.dtype)
-            out = y.mul_(weight) if out is None else out.add_(y, alpha=weight)
-        return out
-
-    def _adjoint_matmul(self, x):
-        out = None
-        for weight, op in self.terms:
-            y = op._adjoint_matmul(x.to(op.dtype)).to(self.dtype)
-            out = y.mul_(weight) if out is None else out.add_(y, alpha=weight)
-        return out
-
-    def trivial_eigenvector(self):
-        if len(self.terms) == 1 and self.terms[0][0] > 0:
-            return self.terms[0][1].trivial_eigenvector()
-        return None
-
-
-def _scale_of(scale, d):
-    if scale is None:
-        return 1.0 / math.sqrt(d)
-    if isinstance(scale, Tensor):
-        scale = float(scale)
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
-    return float(scale)
 
 
 class ShardedKQAffinity(ShardedOperator):
@@ -270,7 +246,7 @@ class ShardedKQAffinity(ShardedOperator):
         heads, n_local, d = q3.shape
         if d == 0:
             raise ValueError(f"q_local needs at least one feature, got shape {tuple(q3.shape)}")
-        self.scale = _scale_of(scale, d)
+        self.scale = resolve_scale(scale, d)
         self.dtype = compute_dtype(q3, k3)
         self.device = q3.device
         weights = _head_weights(head_weights, heads, self.dtype, self.device)

@@ -41,7 +41,8 @@ class _Layout:
     lse_batch: tuple
 
 
-def _check_scale(scale, d):
+def resolve_scale(scale, d):
+    """τ: the given scale checked finite, or 1/sqrt(d) when None."""
     if scale is None:
         return 1.0 / math.sqrt(d)
     if isinstance(scale, Tensor):
@@ -102,7 +103,7 @@ def _layout(q, k, x, scale, row_offset=None, col_offset=None, head_weights=None,
         batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]))
     except RuntimeError:
         raise ValueError(f"q and k batch dimensions do not broadcast: {tuple(q.shape[:-2])} vs {tuple(k.shape[:-2])}") from None
-    scale = _check_scale(scale, d)
+    scale = resolve_scale(scale, d)
     offset_dtype = compute_dtype(q, k, x)
 
     if head_weights is not None:

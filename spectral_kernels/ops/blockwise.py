@@ -100,6 +100,8 @@ def _online_softmax_rows(q_blk, k, x, scale, col_offset, cols):
 
 def logsumexp(q, k, *, scale, col_offset=None, tile_elements=None):
     """r_i = log Σ_j exp(S_ij − β_j), accumulated tile by tile."""
+    if col_offset is None and _same_tensor(q, k):
+        return _symmetric_logsumexp(q, scale, tile_elements)
     groups = q.shape[0]
     dtype = _compute_dtype(q, k)
     q, k, col_offset = flat(q).to(dtype), flat(k).to(dtype), _cast(flat(col_offset), dtype)
@@ -113,6 +115,44 @@ def logsumexp(q, k, *, scale, col_offset=None, tile_elements=None):
             j1 = min(j0 + cols, m_cols)
             s = _scores(q[:, i0:i1], k[:, j0:j1], scale, None if col_offset is None else col_offset[:, j0:j1])
             out[:, i0:i1] = torch.logaddexp(out[:, i0:i1], torch.logsumexp(s, dim=-1))
+    return unflat(out, groups)
+
+
+def _symmetric_logsumexp(q, scale, tile_elements):
+    """Row LSE of a symmetric S = τ·q qᵀ from the tiles on and above the diagonal only.
+
+    Each off-diagonal tile serves its rows and (as the transposed tile) its columns: one
+    score matmul and one exp per element instead of two. Column sums reuse p = exp(s − m_r)
+    reweighted by exp(m_r − M) ≤ 1 (M the tile's max); a column whose reweighted sum falls
+    below the normal range (scores spread by more than ~87 within the tile) is recomputed
+    exactly from the scores, so any feature scale stays correct.
+    """
+    groups = q.shape[0]
+    dtype = _compute_dtype(q)
+    q = flat(q).to(dtype)
+    batch, n, _ = q.shape
+    out = torch.full((batch, n), -math.inf, dtype=dtype, device=q.device)
+    tile_elements = tile_elements or TILE_ELEMENTS
+    tile = min(max(int(math.isqrt(max(tile_elements // max(batch, 1), 1))), 64), max(n, 1))
+    tiny = torch.finfo(dtype).tiny
+    for i0 in range(0, n, tile):
+        i1 = min(i0 + tile, n)
+        for j0 in range(i0, n, tile):
+            j1 = min(j0 + tile, n)
+            s = _scores(q[:, i0:i1], q[:, j0:j1], scale, None)
+            row_max = s.amax(-1)                                   # (B, bi)
+            p = (s - row_max[..., None]).exp_()
+            out[:, i0:i1] = torch.logaddexp(out[:, i0:i1], row_max + p.sum(-1).log())
+            if j0 == i0:
+                continue  # the diagonal tile's columns are its own rows
+            tile_max = row_max.amax(-1, keepdim=True)              # (B, 1)
+            weights = (row_max - tile_max).exp_()                  # ≤ 1
+            col_sum = torch.bmm(weights.unsqueeze(1), p).squeeze(1)  # (B, bj)
+            col_lse = col_sum.log().add_(tile_max)
+            lost = col_sum < tiny
+            if bool(lost.any()):
+                col_lse = torch.where(lost, torch.logsumexp(s, dim=1), col_lse)
+            out[:, j0:j1] = torch.logaddexp(out[:, j0:j1], col_lse)
     return unflat(out, groups)
 
 
