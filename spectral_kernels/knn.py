@@ -91,6 +91,35 @@ class _Options:
 
 # --------------------------------------------------------------------------- validation
 
+def check_graph_options(*, n_intra, n_inter, threshold, normalize, block_size, device):
+    """Checks shared by knn_graph and its sharded twin; returns the (rows, columns) tile."""
+    for name, value in (("n_intra", n_intra), ("n_inter", n_inter)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        check_positive(name, value, allow_zero=True)
+    if n_intra + n_inter == 0:
+        raise ValueError("n_intra and n_inter are both 0: the graph would have no edges")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
+        raise TypeError(f"threshold must be a real number, got {threshold!r}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    if normalize != "none" and threshold < 0:
+        raise ValueError(f"threshold={threshold} < 0 with normalize={normalize!r}: negative edge weights "
+                         "make degrees non-positive; use threshold >= 0 or normalize='none'")
+    if block_size is None:
+        block_rows, block_cols = DEFAULT_BLOCK_CUDA if device.type == "cuda" else DEFAULT_BLOCK_CPU
+    elif isinstance(block_size, int) and not isinstance(block_size, bool):
+        block_rows, block_cols = block_size, block_size
+    elif (isinstance(block_size, (tuple, list)) and len(block_size) == 2
+          and all(isinstance(b, int) and not isinstance(b, bool) for b in block_size)):
+        block_rows, block_cols = block_size
+    else:
+        raise TypeError(f"block_size must be an int or a (rows, columns) pair of ints, got {block_size!r}")
+    check_positive("block_size rows", block_rows)
+    check_positive("block_size columns", block_cols)
+    return block_rows, block_cols
+
+
 def _validate(q, k, *, n_intra, n_inter, image_ids, threshold, exclude_self, normalize,
               block_size, backend):
     check_tensor("q", q, dim=2, finite=False)
@@ -118,12 +147,8 @@ def _validate(q, k, *, n_intra, n_inter, image_ids, threshold, exclude_self, nor
     check_same_device(q=q, k=k)
     image_ids = image_ids.to(q.device)
 
-    for name, value in (("n_intra", n_intra), ("n_inter", n_inter)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        check_positive(name, value, allow_zero=True)
-    if n_intra + n_inter == 0:
-        raise ValueError("n_intra and n_inter are both 0: the graph would have no edges")
+    block_rows, block_cols = check_graph_options(n_intra=n_intra, n_inter=n_inter, threshold=threshold,
+                                                 normalize=normalize, block_size=block_size, device=q.device)
     _, sizes = torch.unique(image_ids, return_counts=True)
     smallest, largest = int(sizes.min()), int(sizes.max())
     intra_available = smallest - (1 if exclude_self else 0)
@@ -136,27 +161,8 @@ def _validate(q, k, *, n_intra, n_inter, image_ids, threshold, exclude_self, nor
         raise ValueError(f"n_inter={n_inter} exceeds the other-image tokens available to every row: "
                          f"{inter_available} (N={q.shape[0]}, largest image {largest} tokens)")
 
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
-        raise TypeError(f"threshold must be a real number, got {threshold!r}")
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-    if normalize != "none" and threshold < 0:
-        raise ValueError(f"threshold={threshold} < 0 with normalize={normalize!r}: negative edge weights "
-                         "make degrees non-positive; use threshold >= 0 or normalize='none'")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-    if block_size is None:
-        block_rows, block_cols = DEFAULT_BLOCK_CUDA if q.device.type == "cuda" else DEFAULT_BLOCK_CPU
-    elif isinstance(block_size, int) and not isinstance(block_size, bool):
-        block_rows, block_cols = block_size, block_size
-    elif (isinstance(block_size, (tuple, list)) and len(block_size) == 2
-          and all(isinstance(b, int) and not isinstance(b, bool) for b in block_size)):
-        block_rows, block_cols = block_size
-    else:
-        raise TypeError(f"block_size must be an int or a (rows, columns) pair of ints, got {block_size!r}")
-    check_positive("block_size rows", block_rows)
-    check_positive("block_size columns", block_cols)
 
     opts = _Options(n_intra=n_intra, n_inter=n_inter, threshold=float(threshold),
                     exclude_self=bool(exclude_self), normalize=normalize,
@@ -230,11 +236,11 @@ def _row_block(qb, kn, ids, orig, r0, r1, z0, z1, opts):
                 intra_sim = zone.masked_fill(~same, -math.inf)
                 if opts.exclude_self:
                     _mask_self(intra_sim, r0, r1, lo, hi)
-                intra.add(_tile_topk(intra_sim, orig[lo:hi], opts.n_intra, opts.threshold))
+                intra.add(tile_topk(intra_sim, orig[lo:hi], opts.n_intra, opts.threshold))
             if opts.n_inter:
                 zone.masked_fill_(same, -math.inf)
         if opts.n_inter:
-            inter.add(_tile_topk(sim, orig[c0:c1], opts.n_inter, opts.threshold))
+            inter.add(tile_topk(sim, orig[c0:c1], opts.n_inter, opts.threshold))
     return intra.best(), inter.best()
 
 
@@ -260,7 +266,7 @@ class _CandidateList:
     def best(self):
         if len(self.pending) == 1:
             return self.pending[0]
-        return _merge(self.pending, self.kk)
+        return merge_candidates(self.pending, self.kk)
 
 
 def _mask_self(sim, r0, r1, c0, c1):
@@ -271,7 +277,7 @@ def _mask_self(sim, r0, r1, c0, c1):
         sim[diag - r0, diag - c0] = -math.inf
 
 
-def _tile_topk(sim, cols, kk, threshold):
+def tile_topk(sim, cols, kk, threshold):
     """The kk best (value, original column) per row of one tile; ties → lower column index.
 
     torch.topk does not promise which of several equal values it keeps, so it is asked for one
@@ -295,7 +301,7 @@ def _tile_topk(sim, cols, kk, threshold):
     return top_vals, top_cols
 
 
-def _merge(candidates, kk):
+def merge_candidates(candidates, kk):
     """Exact top-kk of several candidate lists under (value descending, column ascending)."""
     vals = torch.cat([v for v, _ in candidates], dim=1)
     cols = torch.cat([c for _, c in candidates], dim=1)

@@ -25,8 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._validation import check_positive, check_same_device, check_tensor
-from ..knn import DEFAULT_BLOCK_CPU, DEFAULT_BLOCK_CUDA, NORMALIZATIONS
+from .._validation import check_same_device, check_tensor
+from ..knn import NORMALIZATIONS, check_graph_options, merge_candidates, tile_topk
 from .ring import ring_pass
 from .shards import ShardLayout, agree
 
@@ -72,7 +72,6 @@ def sharded_knn_graph(q_local: Tensor, k_local: Tensor, *, n_intra: int, n_inter
     device = qn.device
 
     def visit(source, shard):
-        nonlocal intra, inter
         k_s, ids_s = shard
         col0 = layout.start(source)
         for r0 in range(0, n_local, block_rows):
@@ -85,14 +84,14 @@ def sharded_knn_graph(q_local: Tensor, k_local: Tensor, *, n_intra: int, n_inter
                 sim = qn[r0:r1] @ k_s[c0:c1].T
                 same = ids[r0:r1, None] == ids_s[None, c0:c1]
                 if n_inter:
-                    cand = _tile_topk(sim.masked_fill(same, -math.inf), cols, n_inter, threshold)
-                    rows_inter = _merge(rows_inter, cand, n_inter)
+                    cand = tile_topk(sim.masked_fill(same, -math.inf), cols, n_inter, threshold)
+                    rows_inter = merge_candidates([rows_inter, cand], n_inter)
                 if n_intra:
                     intra_sim = sim.masked_fill_(~same, -math.inf)
                     if exclude_self:
                         rows = torch.arange(row0 + r0, row0 + r1, device=device)
                         intra_sim.masked_fill_(rows[:, None] == cols[None, :], -math.inf)
-                    rows_intra = _merge(rows_intra, _tile_topk(intra_sim, cols, n_intra, threshold), n_intra)
+                    rows_intra = merge_candidates([rows_intra, tile_topk(intra_sim, cols, n_intra, threshold)], n_intra)
             intra[0][r0:r1], intra[1][r0:r1] = rows_intra
             inter[0][r0:r1], inter[1][r0:r1] = rows_inter
 
@@ -105,40 +104,9 @@ def sharded_knn_graph(q_local: Tensor, k_local: Tensor, *, n_intra: int, n_inter
 
 
 # --------------------------------------------------------------------------- streaming top-k
-# (kept here rather than borrowed from knn.py's internals: only the tie rule must match)
-
 def _empty_list(rows, kk, like):
     return (torch.full((rows, kk), -math.inf, dtype=like.dtype, device=like.device),
             torch.full((rows, kk), torch.iinfo(torch.long).max, dtype=torch.long, device=like.device))
-
-
-def _tile_topk(sim, cols, kk, threshold):
-    """The kk best (value, column) per row of a tile whose columns ``cols`` ascend; ties → lower column.
-
-    torch.topk keeps an arbitrary one of equal values, so it is asked for one more: rows whose
-    kk-th and (kk+1)-th values tie (above the threshold) are redone with a stable sort.
-    """
-    rows, width = sim.shape
-    if width <= kk:
-        return sim, cols.expand(rows, width)
-    vals, idx = sim.topk(kk + 1, dim=1)
-    tied = (vals[:, kk - 1] == vals[:, kk]) & (vals[:, kk - 1] > threshold)
-    vals, idx = vals[:, :kk], idx[:, :kk]
-    if bool(tied.any()):
-        redo = tied.nonzero().squeeze(1)
-        sorted_vals, sorted_idx = sim[redo].sort(dim=1, descending=True, stable=True)
-        vals[redo], idx[redo] = sorted_vals[:, :kk], sorted_idx[:, :kk]
-    return vals, cols[idx]
-
-
-def _merge(running, new, kk):
-    """Exact top-kk of two candidate lists under (value descending, column ascending)."""
-    vals = torch.cat([running[0], new[0]], dim=1)
-    cols = torch.cat([running[1], new[1]], dim=1)
-    by_col = torch.argsort(cols, dim=1, stable=True)
-    vals, cols = vals.gather(1, by_col), cols.gather(1, by_col)
-    vals, by_val = vals.sort(dim=1, descending=True, stable=True)
-    return vals[:, :kk], cols.gather(1, by_val[:, :kk])
 
 
 # --------------------------------------------------------------------------- validation
@@ -159,30 +127,8 @@ def _validate_local(q, k, ids, n_intra, n_inter, threshold, normalize, block_siz
     if ids.dim() != 1 or ids.shape[0] != q.shape[0]:
         raise ValueError(f"image_ids_local must have shape ({q.shape[0]},) (one id per local token), "
                          f"got {tuple(ids.shape)}")
-    for name, value in (("n_intra", n_intra), ("n_inter", n_inter)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        check_positive(name, value, allow_zero=True)
-    if n_intra + n_inter == 0:
-        raise ValueError("n_intra and n_inter are both 0: the graph would have no edges")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
-        raise TypeError(f"threshold must be a real number, got {threshold!r}")
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-    if normalize != "none" and threshold < 0:
-        raise ValueError(f"threshold={threshold} < 0 with normalize={normalize!r}: negative edge weights "
-                         "make degrees non-positive; use threshold >= 0 or normalize='none'")
-    if block_size is None:
-        block_rows, block_cols = DEFAULT_BLOCK_CUDA if q.device.type == "cuda" else DEFAULT_BLOCK_CPU
-    elif isinstance(block_size, int) and not isinstance(block_size, bool):
-        block_rows, block_cols = block_size, max(block_size, DEFAULT_BLOCK_CPU[1])
-    elif (isinstance(block_size, (tuple, list)) and len(block_size) == 2
-          and all(isinstance(b, int) and not isinstance(b, bool) for b in block_size)):
-        block_rows, block_cols = block_size
-    else:
-        raise TypeError(f"block_size must be an int or a (rows, columns) pair of ints, got {block_size!r}")
-    check_positive("block_size rows", block_rows)
-    check_positive("block_size columns", block_cols)
+    block_rows, block_cols = check_graph_options(n_intra=n_intra, n_inter=n_inter, threshold=threshold,
+                                                 normalize=normalize, block_size=block_size, device=q.device)
     return q, k, ids.to(device=q.device, dtype=torch.int64).contiguous(), block_rows, block_cols
 
 
