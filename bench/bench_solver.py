@@ -108,8 +108,10 @@ def solver_run(caps, steps, device, backend, qk_dtype=None):
         sync(device)
         return time.perf_counter() - t0
 
-    if device == "cuda":
-        timed(2)  # warm-up (kernel compilation, autotuning)
+    # Warm-up on every device: the first fit pays one-time costs (kernel compilation and
+    # autotuning on a GPU, allocator growth and first-call dispatch on a CPU) that would
+    # otherwise land in the step-0 "setup" baseline subtracted below.
+    timed(2)
     if os.environ.get("BENCH_SOLVER_PROFILE"):
         from torch.profiler import ProfilerActivity, profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
