@@ -37,7 +37,6 @@ Small dense algebra for the eigensolver goes through ``row_algebra()`` (``Sharde
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.distributed as dist
@@ -124,24 +123,9 @@ class ShardedOperator(AffinityOperator):
             return self
         raise NotImplementedError("use adjoint_matmul(x_local) for the transposed product of a sharded operator")
 
-    # weighted sums stay sharded (layers, heads, timesteps of one token set)
-    def __add__(self, other):
-        if isinstance(other, numbers.Number) and other == 0:
-            return self
-        if not isinstance(other, ShardedOperator):
-            return NotImplemented
-        return ShardedSumOperator([(1.0, self), (1.0, other)])
-
-    __radd__ = __add__
-
-    def __mul__(self, scalar):
-        if isinstance(scalar, Tensor) and scalar.numel() == 1:
-            scalar = float(scalar)
-        if not isinstance(scalar, numbers.Real):
-            return NotImplemented
-        return ShardedSumOperator([(float(scalar), self)])
-
-    __rmul__ = __mul__
+    def _make_sum(self, terms):
+        # weighted sums stay sharded (layers, heads, timesteps of one token set)
+        return ShardedSumOperator(terms)
 
 
 class ShardedRows:

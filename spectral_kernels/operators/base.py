@@ -78,12 +78,16 @@ class AffinityOperator:
         return self if self.is_symmetric else AdjointOperator(self)
 
     # ------------------------------------------------------------------ algebra
+    def _make_sum(self, terms):
+        """The weighted-sum type for this operator (sharded operators keep their sums sharded)."""
+        return SumOperator(terms)
+
     def __add__(self, other):
         if isinstance(other, numbers.Number) and other == 0:
             return self  # so that sum(operators) works
         if not isinstance(other, AffinityOperator):
             return NotImplemented
-        return SumOperator([(1.0, self), (1.0, other)])
+        return self._make_sum([(1.0, self), (1.0, other)])
 
     __radd__ = __add__
 
@@ -92,7 +96,7 @@ class AffinityOperator:
             scalar = float(scalar)
         if not isinstance(scalar, numbers.Real):
             return NotImplemented
-        return SumOperator([(float(scalar), self)])
+        return self._make_sum([(float(scalar), self)])
 
     __rmul__ = __mul__
 
