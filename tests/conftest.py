@@ -26,3 +26,13 @@ def rng():
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"random seed: {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def one_thread():
+    """For files of tiny problems: intra-op threads only add spin-wait overhead there
+    (×100 on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

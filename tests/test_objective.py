@@ -8,14 +8,8 @@ import torch.nn.functional as F
 from spectral_kernels.objective import ncut_loss, off_diagonal
 
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: intra-op threads only add spin-wait overhead (×100 on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny problems: one intra-op thread (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # --------------------------------------------------------------------------- dense reference
 def official_dense(matrix_input, feat, symmetric):

@@ -13,14 +13,8 @@ from spectral_kernels.objective import ncut_loss
 from spectral_kernels.solver import SpectralSolver
 
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: intra-op threads only add spin-wait overhead (×100 on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny problems: one intra-op thread (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # --------------------------------------------------------------------------- helpers
 def random_capture(rng, name, side, *, heads=2, d=8, n_extra=0, batch=1, spread=1.5):
