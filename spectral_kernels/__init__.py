@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-from .ops import affinity_logsumexp, affinity_matmul, affinity_symmetric_matmul, available_backends
+from .ops import (affinity_logsumexp, affinity_matmul, affinity_matmul_pair, affinity_symmetric_matmul,
+                  available_backends)
 
 # Imported eagerly because the function shares its module's name: importing the submodule
 # spectral_kernels.eigsh would otherwise replace the package attribute with the module.
@@ -37,7 +38,8 @@ _LAZY = {
     "knn_graph": "knn",
 }
 
-__all__ = ["affinity_matmul", "affinity_logsumexp", "affinity_symmetric_matmul", "available_backends",
+__all__ = ["affinity_matmul", "affinity_logsumexp", "affinity_symmetric_matmul", "affinity_matmul_pair",
+           "available_backends",
            "eigsh", "EigshInfo", *_LAZY]
 
 

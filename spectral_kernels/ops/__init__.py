@@ -6,7 +6,8 @@
     blockwise.py    tiled torch backend (CPU and GPU)
     triton_backend.py / cuda_backend.py   GPU kernels (optional)
 """
-from .affinity import affinity_logsumexp, affinity_matmul, affinity_symmetric_matmul
+from .affinity import affinity_logsumexp, affinity_matmul, affinity_matmul_pair, affinity_symmetric_matmul
 from .backends import available_backends
 
-__all__ = ["affinity_matmul", "affinity_logsumexp", "affinity_symmetric_matmul", "available_backends"]
+__all__ = ["affinity_matmul", "affinity_logsumexp", "affinity_symmetric_matmul", "affinity_matmul_pair",
+           "available_backends"]

@@ -21,7 +21,7 @@ from .._validation import check_finite, check_same_device, check_tensor
 from . import backends
 from ._layout import compute_dtype
 
-__all__ = ["affinity_matmul", "affinity_logsumexp", "affinity_symmetric_matmul"]
+__all__ = ["affinity_matmul", "affinity_logsumexp", "affinity_symmetric_matmul", "affinity_matmul_pair"]
 
 NORMALIZE_MODES = ("none", "row")
 
@@ -33,6 +33,7 @@ class _Layout:
     q: Tensor
     k: Tensor
     x: Optional[Tensor]
+    w: Optional[Tensor]
     row_offset: Optional[Tensor]
     col_offset: Optional[Tensor]
     head_weights: Optional[Tensor]
@@ -72,17 +73,34 @@ def _offset(name, t, batch, length, device, dtype):
     return t.to(dtype).expand(*batch, length)
 
 
-def _layout(q, k, x, scale, row_offset=None, col_offset=None, head_weights=None, *, square=False):
+def _canonical_rhs(name, x, batch, groups, heads, weighted):
+    """(G, H or 1, rows, m) view of a right-hand side; a head dim of 1 means shared by the heads."""
+    x_batch = tuple(x.shape[:-2])
+    if weighted and len(x_batch) < len(batch):
+        # X shared by the heads: its batch dims match q/k's without the head dim.
+        _broadcast_batch(name, x_batch, batch[:-1])
+        return x.expand(*batch[:-1], *x.shape[-2:]).reshape(groups, 1, *x.shape[-2:])
+    _broadcast_batch(name, x_batch, batch)
+    if len(x_batch) < len(batch) or x_batch[-1] == 1:
+        # One X for every head: keep it un-expanded so the gradient sums over heads.
+        xb = x.reshape(*x_batch[:-1], *x.shape[-2:]) if len(x_batch) == len(batch) else x
+        return xb.expand(*batch[:-1], *x.shape[-2:]).reshape(groups, 1, *x.shape[-2:])
+    return x.expand(*batch, *x.shape[-2:]).reshape(groups, heads, *x.shape[-2:])
+
+
+def _layout(q, k, x, scale, row_offset=None, col_offset=None, head_weights=None, *, square=False, w=None):
     check_tensor("q", q, min_dim=2, finite=False)
     check_tensor("k", k, min_dim=2, finite=False)
     if x is not None:
         check_tensor("x", x, min_dim=2, finite=False)
+    if w is not None:
+        check_tensor("w", w, min_dim=2, finite=False)
     for name, t in (("row_offset", row_offset), ("col_offset", col_offset), ("head_weights", head_weights)):
         if t is not None:
             check_tensor(name, t, finite=False)
-    device = check_same_device(q=q, k=k, x=x, row_offset=row_offset, col_offset=col_offset,
+    device = check_same_device(q=q, k=k, x=x, w=w, row_offset=row_offset, col_offset=col_offset,
                                head_weights=head_weights)
-    for name, t in (("q", q), ("k", k), ("x", x), ("row_offset", row_offset), ("col_offset", col_offset),
+    for name, t in (("q", q), ("k", k), ("x", x), ("w", w), ("row_offset", row_offset), ("col_offset", col_offset),
                     ("head_weights", head_weights)):
         if t is not None:
             check_finite(name, t)
@@ -104,7 +122,7 @@ def _layout(q, k, x, scale, row_offset=None, col_offset=None, head_weights=None,
     except RuntimeError:
         raise ValueError(f"q and k batch dimensions do not broadcast: {tuple(q.shape[:-2])} vs {tuple(k.shape[:-2])}") from None
     scale = resolve_scale(scale, d)
-    offset_dtype = compute_dtype(q, k, x)
+    offset_dtype = compute_dtype(q, k, x, w)
 
     if head_weights is not None:
         if head_weights.dim() != 1:
@@ -123,22 +141,14 @@ def _layout(q, k, x, scale, row_offset=None, col_offset=None, head_weights=None,
     groups = math.prod(batch[:-1])
     heads = batch[-1]
 
-    x4 = None
-    if x is not None:
-        x_batch = tuple(x.shape[:-2])
-        if head_weights is not None and len(x_batch) < len(batch):
-            # X shared by the heads: its batch dims match q/k's without the head dim.
-            _broadcast_batch("x", x_batch, batch[:-1])
-            x4 = x.expand(*batch[:-1], *x.shape[-2:]).reshape(groups, 1, *x.shape[-2:])
-        else:
-            _broadcast_batch("x", x_batch, batch)
-            shared_heads = len(x_batch) < len(batch) or x_batch[-1] == 1
-            if shared_heads:
-                # One X for every head: keep it un-expanded so the gradient sums over heads.
-                xb = x.reshape(*x_batch[:-1], *x.shape[-2:]) if len(x_batch) == len(batch) else x
-                x4 = xb.expand(*batch[:-1], *x.shape[-2:]).reshape(groups, 1, *x.shape[-2:])
-            else:
-                x4 = x.expand(*batch, *x.shape[-2:]).reshape(groups, heads, *x.shape[-2:])
+    x4 = None if x is None else _canonical_rhs("x", x, batch, groups, heads, head_weights is not None)
+    w4 = None
+    if w is not None:
+        if w.shape[-2] != n:
+            raise ValueError(f"w must have one row per query token: w has {w.shape[-2]} rows, q has {n}")
+        if x is not None and w.shape[-1] != x.shape[-1]:
+            raise ValueError(f"w and x must have the same width, got {w.shape[-1]} and {x.shape[-1]}")
+        w4 = _canonical_rhs("w", w, batch, groups, heads, False)
 
     def canon(t, length):
         return None if t is None else t.reshape(groups, heads, length)
@@ -147,6 +157,7 @@ def _layout(q, k, x, scale, row_offset=None, col_offset=None, head_weights=None,
         q=q.expand(*batch, n, d).reshape(groups, heads, n, d),
         k=k.expand(*batch, m_tokens, d).reshape(groups, heads, m_tokens, d),
         x=x4,
+        w=w4,
         row_offset=canon(_offset("row_offset", row_offset, batch, n, device, offset_dtype), n),
         col_offset=canon(_offset("col_offset", col_offset, batch, m_tokens, device, offset_dtype), m_tokens),
         head_weights=head_weights,
@@ -291,6 +302,61 @@ def _symmetric_backward(ctx, grad_y):
 _symmetric_op.register_autograd(_symmetric_backward, setup_context=_symmetric_setup)
 
 
+def _pair_with_two_calls(module, q, k, x, w, scale, row_offset, col_offset):
+    """(E·X, Eᵀ·W) from two offset-form products, for backends without a fused pair kernel."""
+    y, _ = module.matmul(q, k, x, scale=scale, row_offset=row_offset, col_offset=col_offset,
+                         normalize="none", head_weights=None)
+    yt, _ = module.matmul(k, q, w, scale=scale, row_offset=col_offset, col_offset=row_offset,
+                          normalize="none", head_weights=None)
+    return y, yt
+
+
+@torch.library.custom_op("spectral_kernels::affinity_matmul_pair", mutates_args=())
+def _pair_op(q: Tensor, k: Tensor, x: Tensor, w: Tensor, scale: float, row_offset: Optional[Tensor],
+             col_offset: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+    g, h, n, _ = q.shape
+    m_tokens = k.shape[2]
+    if n == 0 or m_tokens == 0 or x.shape[-1] == 0:
+        return (torch.zeros(g, h, n, x.shape[-1], dtype=x.dtype, device=q.device),
+                torch.zeros(g, h, m_tokens, w.shape[-1], dtype=w.dtype, device=q.device))
+    module = backends.resolve(backend, q.device, compute_dtype(q, k, x, w), _shape_key(q, k, x))
+    x4, w4 = x.expand(g, h, *x.shape[2:]), w.expand(g, h, *w.shape[2:])
+    fused = getattr(module, "matmul_pair", None)
+    if fused is not None:
+        y, yt = fused(q, k, x4, w4, scale=scale, row_offset=row_offset, col_offset=col_offset)
+    else:
+        y, yt = _pair_with_two_calls(module, q, k, x4, w4, scale, row_offset, col_offset)
+    return y.to(x.dtype), yt.to(w.dtype)
+
+
+@_pair_op.register_fake
+def _(q, k, x, w, scale, row_offset, col_offset, backend):
+    g, h, n, _ = q.shape
+    return x.new_empty(g, h, n, x.shape[-1]), w.new_empty(g, h, k.shape[2], w.shape[-1])
+
+
+def _pair_setup(ctx, inputs, output):
+    q, k, x, w, scale, row_offset, col_offset, backend = inputs
+    ctx.save_for_backward(q, k, row_offset, col_offset)
+    ctx.scale, ctx.backend = scale, backend
+    ctx.x_heads, ctx.w_heads, ctx.x_dtype, ctx.w_dtype = x.shape[1], w.shape[1], x.dtype, w.dtype
+
+
+def _pair_backward(ctx, grad_y, grad_yt):
+    q, k, row_offset, col_offset = ctx.saved_tensors
+    # d⟨G, E·X⟩/dX = Eᵀ·G and d⟨Gᵗ, Eᵀ·W⟩/dW = E·Gᵗ: the same pair with the cotangents swapped.
+    dw, dx = _pair_op(q, k, grad_yt.contiguous(), grad_y.contiguous(), ctx.scale, row_offset, col_offset,
+                      ctx.backend)
+    if ctx.x_heads == 1:
+        dx = dx.sum(1, keepdim=True)  # X was shared by the heads
+    if ctx.w_heads == 1:
+        dw = dw.sum(1, keepdim=True)
+    return None, None, dx.to(ctx.x_dtype), dw.to(ctx.w_dtype), None, None, None, None
+
+
+_pair_op.register_autograd(_pair_backward, setup_context=_pair_setup)
+
+
 # --------------------------------------------------------------------------- public API
 def _check_backend(backend):
     if backend != "auto" and backend not in backends.BACKEND_NAMES:
@@ -356,3 +422,22 @@ def affinity_symmetric_matmul(q: Tensor, k: Tensor, x: Tensor, *, scale: float |
     k4 = lay.q if q is k else lay.k  # keep the shared-tensor identity visible to backends
     y = _symmetric_op(lay.q, k4, lay.x, lay.scale, lay.row_offset, lay.head_weights, backend)
     return y.reshape(*lay.out_batch, *y.shape[-2:])
+
+
+def affinity_matmul_pair(q: Tensor, k: Tensor, x: Tensor, w: Tensor, *, scale: float | None = None,
+                         row_offset: Tensor | None = None, col_offset: Tensor | None = None,
+                         backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """(E·X, Eᵀ·W) with E_ij = exp(τ q_i·k_j − α_i − β_j), both from one pass over the tiles.
+
+    x: (..., M, m) (one row per key), w: (..., N, m) (one row per query); both broadcast over
+    q/k's batch dims. For a quadratic form zᵀ P z with P = D_r⁻¹A (α = row LSE) the pair
+    (P z, Pᵀ z) gives the value and its gradient (P + Pᵀ) z without a second pass. Backends
+    without a fused pair kernel run two offset-form products. Returns tensors of shape
+    (..., N, m) and (..., M, m).
+    """
+    _check_backend(backend)
+    check_tensor("w", w, min_dim=2, finite=False)
+    lay = _layout(q, k, x, scale, row_offset, col_offset, w=w)
+    _reject_data_gradients(q=q, k=k, row_offset=row_offset, col_offset=col_offset)
+    y, yt = _pair_op(lay.q, lay.k, lay.x, lay.w, lay.scale, lay.row_offset, lay.col_offset, backend)
+    return y.reshape(*lay.out_batch, *y.shape[-2:]), yt.reshape(*lay.out_batch, *yt.shape[-2:])

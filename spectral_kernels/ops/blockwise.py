@@ -15,7 +15,7 @@ import torch
 
 from ._layout import compute_dtype as _compute_dtype, flat, reduce_heads, unflat
 
-__all__ = ["matmul", "logsumexp", "symmetric_matmul", "tile_sizes"]
+__all__ = ["matmul", "logsumexp", "symmetric_matmul", "matmul_pair", "tile_sizes"]
 
 # Elements of one score tile across the whole batch. 2**22 fp32 = 16 MiB: big enough that
 # the per-tile Python overhead is negligible next to the matmul, small enough to stay in
@@ -194,3 +194,33 @@ def symmetric_matmul(q, k, x, *, scale, offset=None, head_weights=None,
     if not symmetric_scores:
         y.mul_(0.5)
     return reduce_heads(unflat(y, groups), head_weights)
+
+
+def matmul_pair(q, k, x, w, *, scale, row_offset=None, col_offset=None, tile_elements=None):
+    """(E·X, Eᵀ·W), E_ij = exp(S_ij − α_i − β_j), in one pass over the score tiles.
+
+    Each tile's exponentials feed the row accumulator (E·X) and the column accumulator
+    (Eᵀ·W): the two directions of a quadratic form zᵀEz and its gradient cost one pass.
+    """
+    groups = q.shape[0]
+    dtype = _compute_dtype(q, k, x, w)
+    q, k, x, w = flat(q).to(dtype), flat(k).to(dtype), flat(x).to(dtype), flat(w).to(dtype)
+    row_offset, col_offset = _cast(flat(row_offset), dtype), _cast(flat(col_offset), dtype)
+    batch, n, _ = q.shape
+    m_cols = k.shape[1]
+    y = torch.zeros(batch, n, x.shape[2], dtype=dtype, device=q.device)
+    yt = torch.zeros(batch, m_cols, w.shape[2], dtype=dtype, device=q.device)
+    rows, cols = tile_sizes(batch, n, m_cols, tile_elements)
+    for i0 in range(0, n, rows):
+        i1 = min(i0 + rows, n)
+        acc = torch.zeros(batch, i1 - i0, x.shape[2], dtype=dtype, device=q.device)
+        for j0 in range(0, m_cols, cols):
+            j1 = min(j0 + cols, m_cols)
+            s = _scores(q[:, i0:i1], k[:, j0:j1], scale, None if col_offset is None else col_offset[:, j0:j1])
+            if row_offset is not None:
+                s.sub_(row_offset[:, i0:i1, None])
+            p = s.exp_()
+            acc.baddbmm_(p, x[:, j0:j1])
+            yt[:, j0:j1] += torch.bmm(p.transpose(1, 2), w[:, i0:i1])
+        y[:, i0:i1] = acc
+    return unflat(y, groups), unflat(yt, groups)

@@ -11,7 +11,7 @@ import torch
 
 from ._layout import compute_dtype as _compute_dtype, reduce_heads
 
-__all__ = ["matmul", "logsumexp", "symmetric_matmul"]
+__all__ = ["matmul", "logsumexp", "symmetric_matmul", "matmul_pair"]
 
 
 def _scores(q, k, scale, dtype):
@@ -54,3 +54,15 @@ def symmetric_matmul(q, k, x, *, scale, offset=None, head_weights=None, dtype=No
     e = torch.exp(s)
     y = 0.5 * torch.matmul(e + e.transpose(-1, -2), x.to(dtype))
     return reduce_heads(y, head_weights)
+
+
+def matmul_pair(q, k, x, w, *, scale, row_offset=None, col_offset=None, dtype=None):
+    """(E·X, Eᵀ·W) with E_ij = exp(S_ij − α_i − β_j): both directions of one score matrix."""
+    dtype = dtype or _compute_dtype(q, k, x, w)
+    s = _scores(q, k, scale, dtype)
+    if col_offset is not None:
+        s = s - col_offset.to(dtype)[..., None, :]
+    if row_offset is not None:
+        s = s - row_offset.to(dtype)[..., None]
+    e = torch.exp(s)
+    return torch.matmul(e, x.to(dtype)), torch.matmul(e.transpose(-1, -2), w.to(dtype))
