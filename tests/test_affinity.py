@@ -210,7 +210,8 @@ def test_gradcheck_float64(rng, backend):
 
 
 def test_torch_library_ops_pass_opcheck(rng):
-    from spectral_kernels.ops.affinity import _logsumexp_op, _matmul_op, _symmetric_op
+    from spectral_kernels.ops.affinity import _logsumexp_op, _matmul_op
+    from spectral_kernels.ops.symmetric import _symmetric_op
 
     q, k = randn(rng, 1, 2, 7, 4), randn(rng, 1, 2, 9, 4)
     x = randn(rng, 1, 1, 9, 3).requires_grad_()

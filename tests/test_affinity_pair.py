@@ -74,7 +74,7 @@ def test_pair_quadratic_form_gradient_is_one_pass(rng):
 
 
 def test_pair_torch_library_opcheck(rng):
-    from spectral_kernels.ops.affinity import _pair_op
+    from spectral_kernels.ops.pair import _pair_op
 
     q, k = randn(rng, 1, 2, 7, 4), randn(rng, 1, 2, 9, 4)
     x, w = randn(rng, 1, 1, 9, 3).requires_grad_(), randn(rng, 1, 2, 7, 3).requires_grad_()

@@ -48,7 +48,7 @@ from ..operators.affinity import NORMALIZE_MODES, _as_heads, _head_weights
 from ..operators.base import AffinityOperator, SumOperator
 from ..ops import affinity_logsumexp, affinity_matmul, affinity_symmetric_matmul
 from ..ops._layout import compute_dtype
-from ..ops.affinity import resolve_scale
+from ..ops._common import resolve_scale
 from .ring import ring_pass
 from .shards import ShardLayout, agree
 

@@ -1,6 +1,6 @@
 """The canonical 4-D layout every backend receives, and the two reshapes it needs.
 
-After validation (``spectral_kernels.ops.affinity``) each backend function gets
+After validation (``spectral_kernels.ops._common``) each backend function gets
 
     q (G, H, N, d), k (G, H, M, d)      G = flattened leading dims, H = heads
     x (G, H, M, m)                      may be a stride-0 view over H (X shared by heads)

@@ -160,7 +160,7 @@ def _timing_problem(shape_key):
 def choose_over_triton(shape_key) -> bool:
     """True when this backend beats triton on problems of this shape (timed once, cached).
 
-    shape_key is ``(G·H, N, M, d, m or None, dtype)`` as built by ``ops.affinity``; the
+    shape_key is ``(G·H, N, M, d, m or None, dtype)`` as built by ``ops._common``; the
     row-softmax product (or the log-sum-exp when m is None) is timed with CUDA events on
     random inputs of that shape. A backend that fails on the shape loses.
     """

@@ -1,4 +1,4 @@
-"""Triton backend of the primitive: launchers and the three backend functions.
+"""Triton backend of the primitive: launchers and the four backend functions.
 
 The kernels live in ``spectral_kernels.ops.triton_kernels``; this module autotunes them,
 validates the canonical layout (``spectral_kernels.ops._layout``), allocates the fp32
@@ -23,7 +23,7 @@ except ImportError:  # triton missing: the backend registry sees is_available() 
     triton = None
     _k = None
 
-__all__ = ["matmul", "logsumexp", "symmetric_matmul", "is_available"]
+__all__ = ["matmul", "logsumexp", "symmetric_matmul", "matmul_pair", "is_available"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -45,6 +45,8 @@ _ROW_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8
 # columns: tall row blocks cut the column atomics (N²·m/BLOCK_ROWS in total).
 _SYMMETRIC_CONFIGS = [(128, 64, 8, 2), (256, 64, 8, 2), (128, 128, 8, 2), (256, 64, 8, 3), (128, 64, 4, 3),
                       (64, 64, 4, 3)]
+# Pair product: the same trade-off as the symmetric one (column atomics N·M·m/BLOCK_ROWS).
+_PAIR_CONFIGS = _SYMMETRIC_CONFIGS
 _INTERPRETER_BLOCK = 16
 
 
@@ -70,6 +72,15 @@ def _symmetric_configs(tuned):
             for r, c, w, s in (_SYMMETRIC_CONFIGS if tuned else _SYMMETRIC_CONFIGS[:1])]
 
 
+def _pair_configs(tuned):
+    if _interpreted():
+        # Rows ≠ columns so that a mix-up of the two tile sizes shows in the tests.
+        return [triton.Config({"BLOCK_ROWS": 2 * _INTERPRETER_BLOCK, "BLOCK_COLS": _INTERPRETER_BLOCK},
+                              num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_ROWS": r, "BLOCK_COLS": c}, num_warps=w, num_stages=s)
+            for r, c, w, s in (_PAIR_CONFIGS if tuned else _PAIR_CONFIGS[:1])]
+
+
 def _fits_registers(configs, named_args, **kwargs):
     """For wide features (d > 128; X is sliced to m ≤ 128 by the launchers) keep only short
     row blocks and two stages, so the Q tile and the K pipeline fit."""
@@ -89,7 +100,7 @@ def _even(size, block):
 
 
 def _tuned_kernels(tuned):
-    """(row product, logsumexp, symmetric) wrapped in autotune + the EVEN_* heuristics."""
+    """(row product, logsumexp, symmetric, pair) wrapped in autotune + the EVEN_* heuristics."""
     prune = {"early_config_prune": _fits_registers}
     even_rows_cols = triton.heuristics({"EVEN_ROWS": _even("N", "BLOCK_ROWS"), "EVEN_COLS": _even("M", "BLOCK_COLS")})
     row_product = triton.autotune(
@@ -104,7 +115,11 @@ def _tuned_kernels(tuned):
         key=["N", "D", "W", "HAS_OFFSET", "HEAD_SUM", "SAME_QK", "PX_MODE"], reset_to_zero=["Y"],
     )(triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_ROWS"] == 0
                          and args["N"] % args["BLOCK_COLS"] == 0})(_k._symmetric_kernel))
-    return row_product, logsumexp, symmetric
+    pair = triton.autotune(
+        configs=_pair_configs(tuned), prune_configs_by=prune,
+        key=["N", "M", "D", "W", "HAS_ROW_OFFSET", "HAS_COL_OFFSET", "PX_MODE", "PW_MODE"], reset_to_zero=["YT"],
+    )(even_rows_cols(_k._pair_kernel))
+    return row_product, logsumexp, symmetric, pair
 
 
 if triton is not None:
@@ -177,13 +192,14 @@ def _px_mode(x_dtype):
     return {torch.float32: _k.PX_FP32, torch.bfloat16: _k.PX_BF16, torch.float16: _k.PX_FP16}[x_dtype]
 
 
-def _dtype_flags(q, x=None):
+def _dtype_flags(q, x=None, w=None):
     """Constexprs choosing dot precision and the interpreter's bf16 widening."""
     flags = {"QK_IEEE": q.dtype == torch.float32,
-             "UPCAST_BF16": _interpreted() and (q.dtype == torch.bfloat16
-                                                or (x is not None and x.dtype == torch.bfloat16))}
+             "UPCAST_BF16": _interpreted() and any(t is not None and t.dtype == torch.bfloat16 for t in (q, x, w))}
     if x is not None:
         flags["PX_MODE"] = _px_mode(x.dtype)
+    if w is not None:
+        flags["PW_MODE"] = _px_mode(w.dtype)
     return flags
 
 
@@ -288,3 +304,38 @@ def symmetric_matmul(q, k, x, *, scale, offset=None, head_weights=None):
             D=d, W=c1 - c0, HAS_OFFSET=offset is not None, HEAD_SUM=head_sum, SAME_QK=_same_tensor(q, k),
             BLOCK_D=_block(d), BLOCK_W=_block(c1 - c0), **_dtype_flags(q, x))
     return y
+
+
+def matmul_pair(q, k, x, w, *, scale, row_offset=None, col_offset=None):
+    """(E·X, Eᵀ·W) with E_ij = exp(τ q_i·k_j − α_i − β_j), both from one pass over the tiles.
+
+    Canonical layout in: x (G, H or 1, M, m) has one row per key, w (G, H or 1, N, m) one
+    row per query (either may be a stride-0 view over the heads). Returns fp32
+    E·X (G, H, N, m) and Eᵀ·W (G, H, M, m).
+    """
+    g, h, n, m_tokens, d, width = _check_layout(q, k, x, row_offset=row_offset, col_offset=col_offset)
+    _check_tensor("w", w, 4)
+    if w.shape[0] != g or w.shape[1] not in (1, h) or w.shape[2] != n:
+        raise ValueError(f"w must have shape ({g}, {h} or 1, {n}, m) (one row per query), got {tuple(w.shape)}")
+    if w.shape[3] != width:
+        raise ValueError(f"w must have the same width as x ({width}), got {w.shape[3]}")
+    _check_device(w=w)
+    x = x.expand(g, h, m_tokens, width)
+    w = w.expand(g, h, n, width)
+    y = torch.empty((g, h, n, width), dtype=torch.float32, device=q.device)
+    yt = torch.zeros((g, h, m_tokens, width), dtype=torch.float32, device=q.device)
+    if n == 0 or m_tokens == 0 or width == 0:  # empty sums
+        return y.zero_(), yt
+    kernel = _kernels()[3]
+    for c0, c1 in _width_chunks(width):
+        # Autotuning trials add into YT; reset_to_zero=["YT"] zeroes this slice before each
+        # trial and again before the real launch.
+        kernel[_grid(g * h, n, "BLOCK_ROWS")](
+            q, k, x[..., c0:c1], w[..., c0:c1], _ptr(row_offset, q), _ptr(col_offset, q),
+            y[..., c0:c1], yt[..., c0:c1],
+            *q.stride(), *k.stride(), *x.stride(), *w.stride(), *_strides(row_offset, 3),
+            *_strides(col_offset, 3), *y.stride(), *yt.stride(),
+            h, n, m_tokens, float(scale) * _k.LOG2E,
+            D=d, W=c1 - c0, HAS_ROW_OFFSET=row_offset is not None, HAS_COL_OFFSET=col_offset is not None,
+            BLOCK_D=_block(d), BLOCK_W=_block(c1 - c0), **_dtype_flags(q, x, w))
+    return y, yt

@@ -5,12 +5,16 @@
     _logsumexp_kernel     r_i = log Σ_j exp(S_ij − β_j) (online)
     _symmetric_kernel     ½(E + Eᵀ)·X in one pass: rows accumulate in registers, the Eᵀ·X
                           part of each tile goes to the column rows by atomic adds
+    _pair_kernel          (E·X, Eᵀ·W) in one pass, E_ij = exp(S_ij − α_i − β_j), N ≠ M
+                          allowed: the symmetric kernel's row-plus-atomic-column walk over
+                          the full rectangle of tiles, with a separate W for the columns
 
 One program owns one block of rows of one batch entry (a (group, head) pair, or a group
 when heads are summed) and walks the column tiles. Exponentials use exp2 with log2(e)
 folded into the scale and the offsets. Everything accumulates in fp32.
 
-Precision of the two dots (``*_MODE`` constexprs chosen by the launcher):
+Precision of the two dots (``*_MODE`` constexprs chosen by the launcher; the pair
+kernel's Eᵀ·W dot follows the same rule by w's dtype, PW_MODE):
     fp32 operands           input_precision="ieee" (tf32 would cost 2.4e-3 relative error)
     bf16 operands           tensor cores; p is rounded to bf16 for the P·X dot
     fp16 x                  P·X in tf32: same mantissa as fp16, but exp(s) > 65504 (s > 11,
@@ -367,3 +371,71 @@ def _symmetric_kernel(Q, K, X, OFFSET, HEAD_WEIGHTS, Y,
             BLOCK_ROWS, BLOCK_COLS, BLOCK_D, BLOCK_W, EVEN_N)
     tl.atomic_add(y_base + rows[:, None] * sy_n + lanes[None, :] * sy_w, total,
                   mask=(rows < N)[:, None] & (lanes < W)[None, :], sem="relaxed")
+
+
+# --------------------------------------------------------------------------- pair product
+@triton.jit
+def _pair_kernel(Q, K, X, WQ, ROW_OFFSET, COL_OFFSET, Y, YT,
+                 sq_g, sq_h, sq_n, sq_d, sk_g, sk_h, sk_n, sk_d,
+                 sx_g, sx_h, sx_n, sx_w, sw_g, sw_h, sw_n, sw_w,
+                 sa_g, sa_h, sa_n, sb_g, sb_h, sb_n,
+                 sy_g, sy_h, sy_n, sy_w, st_g, st_h, st_n, st_w,
+                 H, N, M, scale_log2,
+                 D: tl.constexpr, W: tl.constexpr,
+                 HAS_ROW_OFFSET: tl.constexpr, HAS_COL_OFFSET: tl.constexpr,
+                 QK_IEEE: tl.constexpr, PX_MODE: tl.constexpr, PW_MODE: tl.constexpr,
+                 UPCAST_BF16: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+                 EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
+    """Y = E·X (stored) and YT += Eᵀ·WQ (atomics), E_ij = exp(S_ij − α_i − β_j).
+
+    X has one row per key (M rows), WQ one row per query (N rows), both W wide. YT must
+    be zero on entry. One program owns a block of rows of one (group, head) and walks
+    every column tile: each tile's exponentials feed the rows' accumulator (kept in
+    registers, stored once) and, transposed, the tile's columns of YT. Nothing is
+    symmetric here, so the full N×M rectangle of tiles is visited; column atomics total
+    N·M·W/BLOCK_ROWS.
+    """
+    row_blocks = tl.cdiv(N, BLOCK_ROWS)
+    pid = tl.program_id(0)
+    entry = pid // row_blocks
+    g = (entry // H).to(tl.int64)
+    hh = (entry % H).to(tl.int64)
+    rows = (pid % row_blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    dims = tl.arange(0, BLOCK_D)
+    lanes = tl.arange(0, BLOCK_W)
+    q = _load_tile(Q + g * sq_g + hh * sq_h, rows, dims, sq_n, sq_d, N, D, EVEN_ROWS, D == BLOCK_D, UPCAST_BF16)
+    w_rows = _load_tile(WQ + g * sw_g + hh * sw_h, rows, lanes, sw_n, sw_w, N, W, EVEN_ROWS, W == BLOCK_W,
+                        UPCAST_BF16)
+    if HAS_ROW_OFFSET:
+        alpha = _load_vector_log2(ROW_OFFSET + g * sa_g + hh * sa_h, rows, sa_n, N, EVEN_ROWS)
+    else:
+        alpha = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    k_base = K + g * sk_g + hh * sk_h
+    x_base = X + g * sx_g + hh * sx_h
+    beta_base = COL_OFFSET + g * sb_g + hh * sb_h
+    yt_base = YT + g * st_g + hh * st_h
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_W], dtype=tl.float32)
+    for col0 in range(0, M, BLOCK_COLS):
+        cols = col0 + tl.arange(0, BLOCK_COLS)
+        k_t = tl.trans(_load_tile(k_base, cols, dims, sk_n, sk_d, M, D, EVEN_COLS, D == BLOCK_D, UPCAST_BF16))
+        s = _scores_log2(q, k_t, scale_log2, QK_IEEE) - alpha[:, None]
+        if HAS_COL_OFFSET:
+            s -= _load_vector_log2(beta_base, cols, sb_n, M, EVEN_COLS)[None, :]
+        # −inf, not 0, outside N×M: padded rows feed the column sums and padded columns the
+        # row sums, and exp of a padded score (offsets only) could overflow; inf·0 is NaN.
+        if not EVEN_ROWS and not EVEN_COLS:
+            s = tl.where((rows < N)[:, None] & (cols < M)[None, :], s, float("-inf"))
+        elif not EVEN_ROWS:
+            s = tl.where((rows < N)[:, None], s, float("-inf"))
+        elif not EVEN_COLS:
+            s = tl.where((cols < M)[None, :], s, float("-inf"))
+        p = tl.exp2(s)
+        x_cols = _load_tile(x_base, cols, lanes, sx_n, sx_w, M, W, EVEN_COLS, W == BLOCK_W, UPCAST_BF16)
+        acc = _dot_px(acc, p, x_cols, PX_MODE, UPCAST_BF16)
+        col_part = _dot_px(tl.zeros([BLOCK_COLS, BLOCK_W], dtype=tl.float32), tl.trans(p), w_rows,
+                           PW_MODE, UPCAST_BF16)
+        tl.atomic_add(yt_base + cols[:, None] * st_n + lanes[None, :] * st_w, col_part,
+                      mask=(cols < M)[:, None] & (lanes < W)[None, :], sem="relaxed")
+    tl.store(Y + g * sy_g + hh * sy_h + rows[:, None] * sy_n + lanes[None, :] * sy_w, acc,
+             mask=(rows < N)[:, None] & (lanes < W)[None, :])
