@@ -6,12 +6,19 @@
 Workload (DESIGN.md §5): A_ij = exp(q_i·k_j/8), d = 64, X of width m = 32, bf16 inputs,
 one head unless stated. Every row is timed with CUDA events (median of several calls
 after warm-up) in this run, and compared with SDPA cuDNN measured in the same run at the
-same N. "TFLOP/s" counts 4·N²·d per head. SDPA backends that need equal head dims get
-V padded to 64 (said in the row). Failing rows print their error and the run goes on.
+same N. "TFLOP/s" counts 4·N²·d per head (per product for the two-product rows). SDPA
+backends that need equal head dims get V padded to 64 (said in the row). Failing rows print
+their error and the run goes on.
+
+The pair rows time (P·X, Pᵀ·X) with P = softmax rows (α = row LSE, precomputed): the fused
+one-pass kernel against the same two products as two offset-form row products, and
+against two cuDNN calls (the swapped call stands in for Pᵀ·X in cost only: SDPA cannot
+apply the row normalisation of the un-swapped problem to columns).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import statistics
@@ -23,8 +30,9 @@ os.environ.setdefault("SPECTRAL_KERNELS_CHECK_FINITE", "0")  # no NaN scans (a s
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from spectral_kernels.ops import (affinity_logsumexp, affinity_matmul,  # noqa: E402
+from spectral_kernels.ops import (affinity_logsumexp, affinity_matmul, affinity_matmul_pair,  # noqa: E402
                                   affinity_symmetric_matmul, available_backends)
+from spectral_kernels.ops.backends import BACKEND_MODULES  # noqa: E402
 
 D, WIDTH, SCALE, HEADS = 64, 32, 1.0 / 8.0, 12
 CHUNK = 8192
@@ -101,12 +109,18 @@ class Table:
                 cudnn = self.cudnn.get((n, 1))
                 row = self.ms.get((n, 1, f"{name} row-normalised"))
                 sym = self.ms.get((n, 1, f"{name} symmetric fused ½(E+Eᵀ)X"))
+                pair = self.ms.get((n, 1, f"{name} pair (P·X, Pᵀ·X)"))
+                two_rows = self.ms.get((n, 1, f"{name} pair as 2 row products"))
                 chunked = self.ms.get((n, 1, "chunked torch bf16"))
                 parts = []
                 if cudnn and row:
                     parts.append(f"row-normalised {row / cudnn:.2f}× cuDNN time (goal ≤ 1.00)")
                 if cudnn and sym:
                     parts.append(f"symmetric fused {sym / cudnn:.2f}× one cuDNN call (goal ≤ 1.20)")
+                if cudnn and pair:
+                    parts.append(f"pair {pair / cudnn:.2f}× one cuDNN call")
+                if two_rows and pair:
+                    parts.append(f"pair {two_rows / pair:.2f}× faster than two row products")
                 if chunked and sym:
                     parts.append(f"symmetric {chunked / sym:.1f}× faster than chunked torch"
                                  + (" (goal ≥ 15)" if n >= 262144 else ""))
@@ -204,6 +218,22 @@ def bench_size(table, n, backends, quick):
             table.add(n, 1, f"{name} symmetric fused, q is k",
                       lambda b=name: affinity_symmetric_matmul(q, q, x, scale=SCALE, offset=row_lse(b), backend=b),
                       note="triangle tiles only; ratio vs ONE cuDNN call", flops_heads=2)
+    # Pair (P·X, Pᵀ·X), α = row LSE: fused one pass vs two row products (vs the 2 × cuDNN row above).
+    for name in ("triton", "cuda"):
+        if name in backends:
+            fused = hasattr(importlib.import_module(BACKEND_MODULES[name]), "matmul_pair")
+            table.add(n, 1, f"{name} pair (P·X, Pᵀ·X)",
+                      lambda b=name: affinity_matmul_pair(q, k, x, x, scale=SCALE, row_offset=row_lse(b), backend=b),
+                      note=("fused, one pass" if fused else "no fused kernel: two products inside the backend")
+                      + "; ratio vs ONE cuDNN call", flops_heads=2)
+
+            def two_row_products(b=name):
+                r = row_lse(b)
+                affinity_matmul(q, k, x, scale=SCALE, row_offset=r, backend=b)
+                affinity_matmul(k, q, x, scale=SCALE, col_offset=r, backend=b)
+
+            table.add(n, 1, f"{name} pair as 2 row products", two_row_products,
+                      note="offset form, α/β = row LSE; ratio vs ONE cuDNN call", flops_heads=2)
     del q, k, x, q4, k4, v64, v32
     torch.cuda.empty_cache()
 
@@ -244,7 +274,9 @@ def spot_check(backends, n=4096):
     dense_sym = 0.5 * (e + e.T) @ xf
     e_vv = torch.exp((qf @ qf.T) * SCALE - r[:, None] - r[None, :])
     dense_vv = e_vv @ xf
-    del s, e, e_vv
+    p = torch.softmax(s, dim=-1)
+    dense_pt = p.T @ xf
+    del s, e, e_vv, p
 
     def rel(y, ref):
         return ((y.float() - ref).abs().max() / ref.abs().max()).item()
@@ -256,8 +288,10 @@ def spot_check(backends, n=4096):
             y_sym = affinity_symmetric_matmul(q, k, x, scale=SCALE, offset=a, backend=name)
             y_vv = affinity_symmetric_matmul(q, q, x, scale=SCALE, offset=r, backend=name)
             r_b = affinity_logsumexp(q, k, scale=SCALE, backend=name)
+            y_p, yt_p = affinity_matmul_pair(q, k, x, x, scale=SCALE, row_offset=r, backend=name)
             print(f"- {name}: row-normalised {rel(y, dense_row):.2e}, symmetric {rel(y_sym, dense_sym):.2e}, "
-                  f"symmetric q is k {rel(y_vv, dense_vv):.2e}, logsumexp max abs "
+                  f"symmetric q is k {rel(y_vv, dense_vv):.2e}, pair P·X {rel(y_p, dense_row):.2e} "
+                  f"Pᵀ·X {rel(yt_p, dense_pt):.2e}, logsumexp max abs "
                   f"{(r_b.float() - r).abs().max().item():.2e}", flush=True)
         except Exception as exc:
             print(f"- {name}: error {type(exc).__name__}: {str(exc)[:200]}", flush=True)

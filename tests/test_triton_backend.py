@@ -4,7 +4,8 @@ On CPU they run under TRITON_INTERPRET=1 (set by conftest.py) with one small til
 configuration (16×16 for the row product, 32 rows × 16 columns for the symmetric one, X
 sliced into 16-column launches), so shapes of 1, 7 and 33 tokens cover single partial
 tiles, several tiles and a ragged last tile, 32 the unmasked (even) paths, m = 20 two
-slices of X, and the symmetric q-is-k walk a diagonal band of two tiles. Tests marked
+slices of X, and the symmetric q-is-k walk a diagonal band of two tiles. The pair kernel
+runs 32-row × 16-column tiles, so N ≠ M and a swapped tile size would show. Tests marked
 ``gpu`` run larger shapes with the compiled, autotuned kernels on a CUDA device.
 """
 from __future__ import annotations
@@ -14,8 +15,8 @@ import math
 import pytest
 import torch
 
-from spectral_kernels.ops import (affinity_logsumexp, affinity_matmul, affinity_symmetric_matmul,
-                                  available_backends)
+from spectral_kernels.ops import (affinity_logsumexp, affinity_matmul, affinity_matmul_pair,
+                                  affinity_symmetric_matmul, available_backends)
 from spectral_kernels.ops import reference
 
 tb = pytest.importorskip("spectral_kernels.ops.triton_backend")
@@ -308,6 +309,185 @@ def test_empty_rows(rng):
     assert y.shape == (1, 1, 0, 2) and lse.shape == (1, 1, 0)
 
 
+# --------------------------------------------------------------------------- pair product (E·X, Eᵀ·W)
+def _pair_ref(q, k, x, w, scale, alpha=None, beta=None):
+    return reference.matmul_pair(*_f64(q, k, x, w), scale=scale, row_offset=_f64(alpha)[0],
+                                 col_offset=_f64(beta)[0])
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("m_tokens", SIZES)
+@pytest.mark.parametrize("d,width", FEATURE_WIDTHS)
+def test_pair_matches_reference(rng, n, m_tokens, d, width):
+    """No offsets and both offsets; 32-row × 16-column tiles over N ≠ M, ragged on both sides."""
+    _check_pair_offsets(rng, n, m_tokens, d, width, ((False, False), (True, True)))
+
+
+@pytest.mark.parametrize("n,m_tokens", [(33, 7), (7, 33)])
+def test_pair_one_sided_offsets(rng, n, m_tokens):
+    _check_pair_offsets(rng, n, m_tokens, 40, 20, ((True, False), (False, True)))
+
+
+def _check_pair_offsets(rng, n, m_tokens, d, width, offset_flags):
+    q, k = _randn(rng, 2, 2, n, d), _randn(rng, 2, 2, m_tokens, d)
+    x, w = _randn(rng, 2, 2, m_tokens, width), _randn(rng, 2, 2, n, width)
+    alpha, beta = _randn(rng, 2, 2, n), _randn(rng, 2, 2, m_tokens)
+    scale = 1.0 / math.sqrt(d)
+    for has_alpha, has_beta in offset_flags:
+        a, b = (alpha if has_alpha else None), (beta if has_beta else None)
+        y, yt = tb.matmul_pair(q, k, x, w, scale=scale, row_offset=a, col_offset=b)
+        y_ref, yt_ref = _pair_ref(q, k, x, w, scale, a, b)
+        assert y.dtype == yt.dtype == torch.float32
+        assert y.shape == (2, 2, n, width) and yt.shape == (2, 2, m_tokens, width)
+        assert _err(y, y_ref) < 1e-5 and _err(yt, yt_ref) < 1e-5, (a is not None, b is not None)
+
+
+@pytest.mark.parametrize("n,m_tokens", [(32, 64), (64, 32)])
+def test_pair_even_tiles(rng, n, m_tokens):
+    """N and M multiples of both tile sizes, d and m equal to their padded widths: unmasked paths."""
+    q, k = _randn(rng, 1, 1, n, 16), _randn(rng, 1, 1, m_tokens, 16)
+    x, w = _randn(rng, 1, 1, m_tokens, 16), _randn(rng, 1, 1, n, 16)
+    alpha, beta = _randn(rng, 1, 1, n), _randn(rng, 1, 1, m_tokens)
+    y, yt = tb.matmul_pair(q, k, x, w, scale=0.25, row_offset=alpha, col_offset=beta)
+    y_ref, yt_ref = _pair_ref(q, k, x, w, 0.25, alpha, beta)
+    assert _err(y, y_ref) < 1e-5 and _err(yt, yt_ref) < 1e-5
+
+
+def test_pair_strided_and_head_shared_operands(rng):
+    """x and w as stride-0 views over the heads, strided q/k, broadcast offsets: read by strides."""
+    q = _randn(rng, 2, 3, 33, 20)[..., ::2]                     # (2, 3, 33, 10), strided features
+    k = _randn(rng, 2, 3, 12, 7).transpose(-1, -2)[..., :10]    # (2, 3, 7, 10), column-major slice
+    x = _randn(rng, 2, 1, 7, 6)[..., ::2].expand(2, 3, 7, 3)    # stride 0 over heads, strided lanes
+    w = _randn(rng, 2, 33, 3).unsqueeze(1).expand(2, 3, 33, 3)
+    beta = _randn(rng, 7).expand(2, 3, 7)
+    alpha = _randn(rng, 2, 3, 33)
+    assert x.stride(1) == 0 and w.stride(1) == 0 and not q.is_contiguous()
+    y, yt = tb.matmul_pair(q, k, x, w, scale=0.3, row_offset=alpha, col_offset=beta)
+    y_ref, yt_ref = _pair_ref(q, k, x, w, 0.3, alpha, beta)
+    assert _err(y, y_ref) < 1e-5 and _err(yt, yt_ref) < 1e-5
+    # The head dim of 1 (not yet expanded) is accepted too.
+    y1, yt1 = tb.matmul_pair(q, k, x[:, :1], w[:, :1], scale=0.3, row_offset=alpha, col_offset=beta)
+    torch.testing.assert_close(y1, y)
+    torch.testing.assert_close(yt1, yt)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=("fp16", "bf16"))
+def test_pair_low_precision(rng, dtype):
+    q, k = _randn(rng, 1, 2, 33, 40, dtype=dtype), _randn(rng, 1, 2, 7, 40, dtype=dtype)
+    x, w = _randn(rng, 1, 2, 7, 20, dtype=dtype), _randn(rng, 1, 2, 33, 20, dtype=dtype)
+    alpha = _randn(rng, 1, 2, 33, dtype=torch.float32)
+    y, yt = tb.matmul_pair(q, k, x, w, scale=40 ** -0.5, row_offset=alpha)
+    y_ref, yt_ref = _pair_ref(q, k, x, w, 40 ** -0.5, alpha)
+    y_low, yt_low = reference.matmul_pair(q, k, x, w, scale=40 ** -0.5, row_offset=alpha.to(dtype), dtype=dtype)
+    _lowp_tolerance_check(y, y_ref, y_low)
+    _lowp_tolerance_check(yt, yt_ref, yt_low)
+
+
+def test_pair_mixed_dtypes(rng):
+    """bf16 scores, fp32 x (ieee P·X), fp16 w (tf32 Pᵀ·W): each dot follows its own operand."""
+    q, k = _randn(rng, 1, 1, 33, 8, dtype=torch.bfloat16), _randn(rng, 1, 1, 7, 8, dtype=torch.bfloat16)
+    x, w = _randn(rng, 1, 1, 7, 3), _randn(rng, 1, 1, 33, 3, dtype=torch.float16)
+    beta = _randn(rng, 1, 1, 7)
+    y, yt = tb.matmul_pair(q, k, x, w, scale=0.5, col_offset=beta)
+    y_ref, yt_ref = _pair_ref(q, k, x, w, 0.5, None, beta)
+    assert _err(y, y_ref) < 1e-5   # scores exact from bf16 inputs, fp32 everything else
+    assert _err(yt, yt_ref) < 2e-3  # p rounded to tf32 (10-bit mantissa) for the fp16 w dot
+
+
+def test_pair_fp16_without_offsets_does_not_overflow(rng):
+    """exp(s) > 65504 must stay finite in both fp16 dots (then inf·0 would be NaN)."""
+    q = torch.nn.functional.normalize(_randn(rng, 1, 1, 7, 4), dim=-1).to(torch.float16)
+    x = _randn(rng, 1, 1, 7, 3, dtype=torch.float16)
+    x[..., 0] = 0.0
+    y, yt = tb.matmul_pair(q, q, x, x, scale=30.0)
+    y_ref, yt_ref = _pair_ref(q, q, x, x, 30.0)
+    assert y_ref.abs().max() > 1e6
+    assert torch.isfinite(y).all() and torch.isfinite(yt).all()
+    assert _err(y, y_ref) < 5e-3 and _err(yt, yt_ref) < 5e-3
+
+
+def test_pair_extreme_scale_with_row_lse(rng):
+    """|τ q·k| up to ~1e4 with α = row LSE: E = P is row-stochastic, every exponent ≤ 0."""
+    q = torch.nn.functional.normalize(_randn(rng, 1, 1, 33, 16), dim=-1)
+    k = torch.nn.functional.normalize(_randn(rng, 1, 1, 7, 16), dim=-1)
+    x, w = _randn(rng, 1, 1, 7, 3), _randn(rng, 1, 1, 33, 3)
+    r = tb.logsumexp(q, k, scale=1e4)
+    assert r.abs().max() > 1e3
+    y, yt = tb.matmul_pair(q, k, x, w, scale=1e4, row_offset=r)
+    y_ref, yt_ref = _pair_ref(q, k, x, w, 1e4, r)
+    assert torch.isfinite(y).all() and torch.isfinite(yt).all()
+    assert _err(y, y_ref) < 5e-3 and _err(yt, yt_ref) < 5e-3  # fp32 scores of 1e4 carry ~1e-3 error
+
+
+@pytest.mark.parametrize("n,m_tokens", [(33, 7), (32, 7), (7, 32)], ids=("ragged", "even_rows", "even_cols"))
+def test_pair_large_opposite_offsets_stay_finite(rng, n, m_tokens):
+    """α ≈ +200, β ≈ −200: real entries are moderate, but a padded row (α read as 0) would
+    give exp(200) = inf and inf·0 = NaN in Eᵀ·W unless padding is masked to −inf."""
+    q, k = _randn(rng, 1, 1, n, 6), _randn(rng, 1, 1, m_tokens, 6)
+    x, w = _randn(rng, 1, 1, m_tokens, 3), _randn(rng, 1, 1, n, 3)
+    alpha, beta = 200.0 + _randn(rng, 1, 1, n), -200.0 + _randn(rng, 1, 1, m_tokens)
+    y, yt = tb.matmul_pair(q, k, x, w, scale=0.4, row_offset=alpha, col_offset=beta)
+    y_ref, yt_ref = _pair_ref(q, k, x, w, 0.4, alpha, beta)
+    assert torch.isfinite(y).all() and torch.isfinite(yt).all()
+    assert _err(y, y_ref) < 1e-4 and _err(yt, yt_ref) < 1e-4  # fp32 offsets of 200: ~2e-5 in the exponent
+    # The other way round: padded columns (β read as 0) against α ≈ −200.
+    y, yt = tb.matmul_pair(q, k, x, w, scale=0.4, row_offset=alpha - 400.0, col_offset=beta + 400.0)
+    y_ref, yt_ref = _pair_ref(q, k, x, w, 0.4, alpha - 400.0, beta + 400.0)
+    assert torch.isfinite(y).all() and torch.isfinite(yt).all()
+    assert _err(y, y_ref) < 1e-4 and _err(yt, yt_ref) < 1e-4
+
+
+def test_pair_public_api_uses_the_fused_kernel(rng, monkeypatch):
+    """backend="triton" reaches the pair kernel (not two row products); values and the gradient
+    w.r.t. both x and w match the dense backend."""
+    kernel = tb._kernels()[3]
+    launch = kernel.run
+    launches = []
+
+    def spy(*args, **kwargs):
+        launches.append(kwargs["W"])
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", spy)
+    q, k = _randn(rng, 2, 3, 9, 5), _randn(rng, 2, 3, 33, 5)
+    alpha = _randn(rng, 2, 3, 9)
+    x0, w0 = _randn(rng, 33, 4), _randn(rng, 2, 3, 9, 4)   # x shared by groups and heads
+    cot_y, cot_yt = _randn(rng, 2, 3, 9, 4), _randn(rng, 2, 3, 33, 4)
+    out = {}
+    for backend in ("triton", "dense"):
+        x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        y, yt = affinity_matmul_pair(q, k, x, w, row_offset=alpha, backend=backend)
+        ((y * cot_y).sum() + (yt * cot_yt).sum()).backward()
+        out[backend] = (y, yt, x.grad, w.grad)
+    assert len(launches) == 2  # forward and backward, one launch each (m = 4 is one slice)
+    for got, want in zip(out["triton"], out["dense"]):
+        assert got.shape == want.shape
+        assert _err(got, want) < 1e-5
+
+
+def test_pair_bad_inputs_name_the_argument(rng):
+    q, k = _randn(rng, 1, 1, 7, 4), _randn(rng, 1, 1, 5, 4)
+    x, w = _randn(rng, 1, 1, 5, 2), _randn(rng, 1, 1, 7, 2)
+    with pytest.raises(ValueError, match="w must have shape"):
+        tb.matmul_pair(q, k, x, x, scale=1.0)
+    with pytest.raises(ValueError, match="w must have the same width as x"):
+        tb.matmul_pair(q, k, x, _randn(rng, 1, 1, 7, 3), scale=1.0)
+    with pytest.raises(TypeError, match="w has dtype torch.float64"):
+        tb.matmul_pair(q, k, x, w.double(), scale=1.0)
+    with pytest.raises(ValueError, match="w must have 4 dimensions"):
+        tb.matmul_pair(q, k, x, w[0], scale=1.0)
+    with pytest.raises(ValueError, match="col_offset must have shape"):
+        tb.matmul_pair(q, k, x, w, scale=1.0, col_offset=_randn(rng, 1, 1, 7))
+
+
+def test_pair_empty_sides(rng):
+    q, k = _randn(rng, 1, 1, 0, 4), _randn(rng, 1, 1, 5, 4)
+    y, yt = tb.matmul_pair(q, k, _randn(rng, 1, 1, 5, 2), _randn(rng, 1, 1, 0, 2), scale=1.0)
+    assert y.shape == (1, 1, 0, 2) and yt.shape == (1, 1, 5, 2) and (yt == 0).all()
+    y, yt = tb.matmul_pair(k, q, _randn(rng, 1, 1, 0, 2), _randn(rng, 1, 1, 5, 2), scale=1.0)
+    assert y.shape == (1, 1, 5, 2) and (y == 0).all() and yt.shape == (1, 1, 0, 2)
+
+
 # --------------------------------------------------------------------------- compiled for Hopper, no GPU needed
 _HOPPER_COMPILE_SCRIPT = r"""
 import triton
@@ -315,9 +495,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from spectral_kernels.ops import triton_kernels as K
 
-POINTERS = {"Q": "bf16", "K": "bf16", "X": "bf16", "ROW_OFFSET": "fp32", "COL_OFFSET": "fp32", "OFFSET": "fp32",
+POINTERS = {"Q": "bf16", "K": "bf16", "X": "bf16", "WQ": "bf16", "YT": "fp32", "ROW_OFFSET": "fp32", "COL_OFFSET": "fp32", "OFFSET": "fp32",
             "HEAD_WEIGHTS": "fp32", "Y": "fp32", "LSE": "fp32"}
-UNIT_STRIDES = {"sq_d": 1, "sk_d": 1, "sx_w": 1, "sy_w": 1}  # what Triton specialises at launch
+UNIT_STRIDES = {"sq_d": 1, "sk_d": 1, "sx_w": 1, "sw_w": 1, "sy_w": 1, "st_w": 1}  # what Triton specialises at launch
 
 def compile_hopper(fn, constexprs, num_warps, num_stages):
     constexprs = {**constexprs, **{k: v for k, v in UNIT_STRIDES.items() if k in fn.arg_names}}
@@ -341,13 +521,17 @@ for same in (True, False):
     ptx = compile_hopper(K._symmetric_kernel, dict(common, HAS_OFFSET=True, HEAD_SUM=not same, SAME_QK=same,
                          BLOCK_ROWS=256, BLOCK_COLS=64, EVEN_N=same), 8, 2)
     assert "red.global" in ptx  # the column atomics
+for even in (True, False):
+    ptx = compile_hopper(K._pair_kernel, dict(common, PW_MODE=K.PX_BF16, HAS_ROW_OFFSET=True, HAS_COL_OFFSET=not even,
+                         BLOCK_ROWS=128, BLOCK_COLS=64, EVEN_ROWS=even, EVEN_COLS=even), 8, 2)
+    assert "red.global" in ptx  # the column atomics of Eᵀ·W
 print("compiled")
 """
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_hopper_without_a_gpu():
-    """The interpreter never compiles: build the main kernel variants for sm_90 (ptxas ships
+    """The interpreter never compiles: build the main kernel variants (the pair kernel too) for sm_90 (ptxas ships
     with Triton) in a process without TRITON_INTERPRET, so GPU-only compile errors show on CPU."""
     import os
     import subprocess
@@ -388,6 +572,25 @@ def test_gpu_against_reference(rng, monkeypatch, dtype, n):
             y = tb.symmetric_matmul(q, kk, x, scale=0.125, offset=r)
             y_ref = reference.symmetric_matmul(q64, _f64(kk)[0], x64, scale=0.125, offset=r.double().cpu())
             assert _err(y, y_ref) < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,n,m_tokens", [(torch.float32, 1000, 777), (torch.bfloat16, 4096, 3000)],
+                         ids=("fp32", "bf16"))
+def test_gpu_pair_against_reference(rng, monkeypatch, dtype, n, m_tokens):
+    """The compiled pair kernel at N ≠ M: bf16 autotuned (the trials add into YT, so a second
+    call with the cached config must agree with the first), fp32 with the default tile only."""
+    if dtype == torch.float32:
+        monkeypatch.setenv("SPECTRAL_KERNELS_TRITON_AUTOTUNE", "0")
+    d, width, heads = 64, 32, 2
+    q, k = _randn(rng, 1, heads, n, d, dtype=dtype), _randn(rng, 1, heads, m_tokens, d, dtype=dtype)
+    x, w = _randn(rng, 1, heads, m_tokens, width, dtype=dtype), _randn(rng, 1, heads, n, width, dtype=dtype)
+    r = tb.logsumexp(q, k, scale=0.125)
+    y_ref, yt_ref = _pair_ref(q, k, x, w, 0.125, r)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for _ in range(2):
+        y, yt = tb.matmul_pair(q, k, x, w, scale=0.125, row_offset=r)
+        assert _err(y, y_ref) < tol and _err(yt, yt_ref) < tol
 
 
 @pytest.mark.gpu
