@@ -2,8 +2,10 @@
 
 Stable Diffusion has 16 self-attention layers on 4 grids: grouping them makes a solver
 step 4 launches (plus their backward) instead of 16. A group holds q, k as
-(L, B, H, N, d) with the extra tokens already removed (``extra_tokens="drop"``) and, for
-the symmetric variants, the log-degree offsets, computed once per set of captures.
+(L, B, H, N, d) with the extra tokens already removed (``extra_tokens="drop"``) and the
+per-token log-space vectors that depend only on q, k, computed once per set of captures:
+the log-degree offsets for the symmetric variants, the row log-sum-exp for the random-walk
+one (then each solver step costs one pair pass per group, values and gradient).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from torch import Tensor
 from ._validation import check_tensor
 from .models.capture import LayerCapture
 from .objective import symmetric_offsets
+from .ops import affinity_logsumexp
 from .pooling import GridPooling
 
 __all__ = ["LayerGroup", "group_layers", "GRAPHS"]
@@ -25,13 +28,18 @@ GRAPHS = ("kq", "vv")
 
 @dataclass
 class LayerGroup:
-    """Layers of one resolution: q, k (L, B, H, N, d), their names, scale and pooling."""
+    """Layers of one resolution: q, k (L, B, H, N, d), their names, scale and pooling.
+
+    offsets: ``symmetric_offsets`` (L, B, H, N) (symmetric variants) or None.
+    row_lse: row log-sum-exp of τ q kᵀ (L, B, H, N) (random-walk variant) or None.
+    """
     names: list[str]
     q: Tensor
     k: Tensor
     scale: float
     pooling: GridPooling
     offsets: Tensor | None = field(default=None)
+    row_lse: Tensor | None = field(default=None)
 
     @property
     def n_layers(self) -> int:
@@ -52,11 +60,13 @@ def _layer_graph(capture: LayerCapture, graph: str, temperature: float, extra_to
 
 
 def group_layers(captures, *, base_grid: tuple[int, int], graph: str = "kq", temperature: float = 0.1,
-                 extra_tokens: str = "drop", with_offsets: bool = False, qk_dtype: torch.dtype | None = None,
-                 backend: str = "auto") -> list[LayerGroup]:
+                 extra_tokens: str = "drop", with_offsets: bool = False, with_row_lse: bool = False,
+                 qk_dtype: torch.dtype | None = None, backend: str = "auto") -> list[LayerGroup]:
     """Stack the captured layers of equal (grid, extra tokens, heads, width, scale) into groups.
 
-    ``qk_dtype`` casts q and k once (e.g. bfloat16 for tensor-core score tiles on a GPU).
+    ``with_offsets`` computes each group's ``symmetric_offsets`` and ``with_row_lse`` its row
+    log-sum-exp (one pass each, here instead of in every step). ``qk_dtype`` casts q and k
+    once (e.g. bfloat16 for tensor-core score tiles on a GPU).
     """
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
@@ -94,5 +104,6 @@ def group_layers(captures, *, base_grid: tuple[int, int], graph: str = "kq", tem
                     raise ValueError(f"{label} of layers {names} contains NaN or Inf values")
         pooling = GridPooling(tuple(base_grid), tuple(grid), n_extra, extra_tokens)
         offsets = symmetric_offsets(q, k, scale=scale, backend=backend) if with_offsets else None
-        groups.append(LayerGroup(names, q, k, scale, pooling, offsets))
+        row_lse = affinity_logsumexp(q, k, scale=scale, backend=backend) if with_row_lse else None
+        groups.append(LayerGroup(names, q, k, scale, pooling, offsets, row_lse))
     return groups

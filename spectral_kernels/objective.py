@@ -15,10 +15,16 @@ train_utils.py``; where DESIGN.md §3 differs, the official code wins):
 
 With q, k instead of a dense affinity, P = softmax(τ q kᵀ) and, for ``symmetric=1``,
 A = exp(τ q kᵀ) (the NCut of the attention kernel itself, not exp of the probabilities the
-official code receives). P·Z is one ``affinity_matmul(normalize="row")`` call for all heads;
-D^-½ W D^-½ · Z is ``affinity_symmetric_matmul`` with offsets ½·log d from row and column
-log-sum-exps (log space, no overflow). Gradients reach ``feat`` through the primitive's
-transposed-product backward.
+official code receives).
+
+``symmetric=0``: with the row log-sum-exp r (P = D_r⁻¹A, E_ij = exp(τ q_i·k_j − r_i)) one
+``affinity_matmul_pair`` call gives P·Z and Pᵀ·Z for all heads in a single pass over the
+score tiles: the values diag(Zᵀ P_h Z) and their gradient (P_h + P_hᵀ)·Z, so backward is an
+einsum and needs no second pass (``softmax_quadratic_form``). r depends only on q, k: callers
+with fixed affinities (the solver's layer groups) compute it once and pass ``row_lse``.
+``symmetric=1``: D^-½ W D^-½ · Z is ``affinity_symmetric_matmul`` with offsets ½·log d from
+row and column log-sum-exps (log space, no overflow); that operator is self-adjoint, so its
+gradient is the same product (the primitive's backward).
 """
 from __future__ import annotations
 
@@ -27,12 +33,14 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._validation import check_same_device, check_tensor
-from .ops import affinity_logsumexp, affinity_matmul, affinity_symmetric_matmul
+from .ops import affinity_logsumexp, affinity_matmul_pair, affinity_symmetric_matmul
 from .pooling import GridPooling
 
-__all__ = ["ncut_loss", "off_diagonal", "symmetric_offsets", "eigen_terms", "SYMMETRIC_FLAGS"]
+__all__ = ["ncut_loss", "off_diagonal", "symmetric_offsets", "eigen_terms", "softmax_quadratic_form",
+           "ncut_quadratic_form", "SYMMETRIC_FLAGS"]
 
 SYMMETRIC_FLAGS = (0, 1)
 
@@ -60,6 +68,100 @@ def symmetric_offsets(q: Tensor, k: Tensor, *, scale: float | None = None, backe
     return 0.5 * (torch.logaddexp(rows, cols) - math.log(2.0))
 
 
+class _SoftmaxQuadraticForm(torch.autograd.Function):
+    """diag(Zᵀ P_h Z) per head from one pair pass; backward reuses the saved (P_h + P_hᵀ)·Z."""
+
+    @staticmethod
+    def forward(ctx, z, q, k, row_lse, scale, backend):
+        heads_z = z.unsqueeze(-3)                                  # one Z shared by the heads
+        pz, ptz = affinity_matmul_pair(q, k, heads_z, heads_z, scale=scale, row_offset=row_lse,
+                                       backend=backend)
+        ctx.save_for_backward(pz + ptz)                            # ∂(zᵀPz)/∂z = (P + Pᵀ)z
+        ctx.z_shape = z.shape
+        return (pz * heads_z).sum(-2)                              # (..., H, K)
+
+    @staticmethod
+    @once_differentiable  # (P + Pᵀ)z is saved as data: a second derivative would need P again
+    def backward(ctx, grad_values):
+        (sym_z,) = ctx.saved_tensors
+        grad_z = torch.einsum("...hk,...hnk->...nk", grad_values.to(sym_z.dtype), sym_z)
+        # Z broadcast over q/k's batch dims (e.g. one Z for all layers of a group): sum back.
+        return grad_z.sum_to_size(ctx.z_shape), None, None, None, None, None
+
+
+def softmax_quadratic_form(q: Tensor, k: Tensor, z: Tensor, *, row_lse: Tensor | None = None,
+                           scale: float | None = None, backend: str = "auto") -> Tensor:
+    """Per-head quadratic forms z_kᵀ P_h z_k, P_h = softmax(τ q_h k_hᵀ) by rows, in one pass.
+
+    q, k: (..., H, N, d) data (no gradient); z: (..., N, K), shared by the heads, its batch
+    dims broadcasting against q/k's without the head dim. ``row_lse`` (..., H, N): the row
+    log-sum-exp of τ q kᵀ (``affinity_logsumexp(q, k)``), computed here when None — pass it
+    when the same q, k serve many calls. Returns (..., H, K), differentiable w.r.t. z once:
+    forward runs ``affinity_matmul_pair`` (P z and Pᵀ z from one pass over the score tiles)
+    and backward is an einsum with the saved (P + Pᵀ) z.
+    """
+    check_tensor("q", q, min_dim=3, finite=False)
+    check_tensor("k", k, min_dim=3, finite=False)
+    check_tensor("z", z, min_dim=2)
+    _check_square(q, k, z)
+    if row_lse is None:
+        row_lse = affinity_logsumexp(q, k, scale=scale, backend=backend)
+    else:
+        check_tensor("row_lse", row_lse, min_dim=1, finite=False)
+        if row_lse.shape != q.shape[:-1]:
+            raise ValueError(f"row_lse must have shape {tuple(q.shape[:-1])} (q without its feature dim), "
+                             f"got {tuple(row_lse.shape)}")
+    return _SoftmaxQuadraticForm.apply(z, q, k, row_lse, scale, backend)
+
+
+class _NCutQuadraticForm(torch.autograd.Function):
+    """z_kᵀ M z_k from one symmetric pass; M is self-adjoint, so the gradient 2·M z is saved."""
+
+    @staticmethod
+    def forward(ctx, z, q, k, offset, head_weights, scale, backend):
+        mz = affinity_symmetric_matmul(q, k, z.unsqueeze(-3), scale=scale, offset=offset,
+                                       head_weights=head_weights, backend=backend)
+        ctx.save_for_backward(mz)
+        ctx.z_shape, ctx.per_head = z.shape, head_weights is None
+        return (mz * (z.unsqueeze(-3) if ctx.per_head else z)).sum(-2)
+
+    @staticmethod
+    @once_differentiable  # M z is saved as data: a second derivative would need M again
+    def backward(ctx, grad_values):
+        (mz,) = ctx.saved_tensors
+        grad_z = 2.0 * grad_values.to(mz.dtype).unsqueeze(-2) * mz
+        if ctx.per_head:
+            grad_z = grad_z.sum(-3)
+        return grad_z.sum_to_size(ctx.z_shape), None, None, None, None, None, None
+
+
+def ncut_quadratic_form(q: Tensor, k: Tensor, z: Tensor, *, offset: Tensor | None = None,
+                        head_weights: Tensor | None = None, scale: float | None = None,
+                        backend: str = "auto") -> Tensor:
+    """Quadratic forms z_kᵀ M_h z_k, M_h = D^-½ W_h D^-½ (W = (A + Aᵀ)/2), in one pass.
+
+    q, k: (..., H, N, d) data; z: (..., N, K) shared by the heads. ``offset`` (..., H, N):
+    ``symmetric_offsets(q, k)``, computed here when None. Returns (..., H, K), or with
+    ``head_weights`` (H,) the weighted sum over heads (..., K). Differentiable w.r.t. z once:
+    M is symmetric, so the gradient 2·M z is the forward product itself — no second pass.
+    """
+    check_tensor("q", q, min_dim=3, finite=False)
+    check_tensor("k", k, min_dim=3, finite=False)
+    check_tensor("z", z, min_dim=2)
+    _check_square(q, k, z)
+    if offset is None:
+        offset = symmetric_offsets(q, k, scale=scale, backend=backend)
+    return _NCutQuadraticForm.apply(z, q, k, offset, head_weights, scale, backend)
+
+
+def _check_square(q, k, z):
+    n = q.shape[-2]
+    if k.shape[-2] != n:
+        raise ValueError(f"k must have as many tokens as q ({n}) for a quadratic form, got {tuple(k.shape)}")
+    if z.shape[-2] != n:
+        raise ValueError(f"z must have one row per token ({n}), got shape {tuple(z.shape)}")
+
+
 def check_symmetric_flag(symmetric) -> int:
     if isinstance(symmetric, bool) or symmetric not in SYMMETRIC_FLAGS:
         raise ValueError(f"symmetric must be 0 or 1, got {symmetric!r}")
@@ -67,11 +169,14 @@ def check_symmetric_flag(symmetric) -> int:
 
 
 def eigen_terms(q: Tensor, k: Tensor, x: Tensor, *, symmetric: int, scale: float | None = None,
-                offsets: Tensor | None = None, backend: str = "auto") -> tuple[Tensor, Tensor]:
+                offsets: Tensor | None = None, row_lse: Tensor | None = None,
+                backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Official eigenvalue and orthogonality terms for pooled features on the layer's tokens.
 
     q, k: (..., H, N, d); x: (..., N, K) pooled features, shared by the heads (not yet
-    normalised). ``offsets`` (..., H, N) may carry precomputed ``symmetric_offsets``.
+    normalised). Precomputed per-token vectors (..., H, N), each used by one variant only:
+    ``row_lse`` = ``affinity_logsumexp(q, k)`` for ``symmetric=0`` (one pair pass per call
+    then, values and gradient), ``offsets`` = ``symmetric_offsets`` for ``symmetric=1``.
 
     Returns eigval (..., H, K) for ``symmetric=0`` or (..., H, H, K) for ``symmetric=1``
     (index [h, h'] = z_hᵀ L_h' z_h', the official cross-head broadcast), and the Gram
@@ -79,8 +184,7 @@ def eigen_terms(q: Tensor, k: Tensor, x: Tensor, *, symmetric: int, scale: float
     """
     if symmetric == 0:
         z = normalize_columns(x)
-        pz = affinity_matmul(q, k, z.unsqueeze(-3), scale=scale, normalize="row", backend=backend)
-        eigval = (pz * z.unsqueeze(-3)).sum(-2)
+        eigval = softmax_quadratic_form(q, k, z, row_lse=row_lse, scale=scale, backend=backend)
         ortho = off_diagonal(z.transpose(-1, -2) @ z)
         return eigval, ortho
     if offsets is None:

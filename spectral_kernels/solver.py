@@ -14,7 +14,12 @@ Variants (``variant``):
                    solves; the official variants have no such closed form over several
                    layers (each head weights x by its own D^½ and layers normalise after pooling).
 
-Layers of one resolution are stacked into one primitive call (``layer_groups``). The
+Layers of one resolution are stacked into one primitive call (``layer_groups``), and the
+per-token vectors that depend only on q, k (row LSE, NCut offsets) are computed once per set
+of captures. Passes over the score tiles per step and group, values and gradient together:
+"random_walk" one (``affinity_matmul_pair``: P z and Pᵀ z), "subspace" one (M is symmetric,
+its gradient 2·M z is the forward product), "symmetric" two (its cross-head terms are not
+a quadratic form: backward needs M applied to other vectors). The
 official training loop differs in two small ways, kept on purpose: it never divides the
 accumulated gradient (Adam is invariant to that scale) and takes its first step after
 accumulate + 1 backward passes; here a step follows every ``accumulate`` passes.
@@ -36,7 +41,7 @@ from . import checkpoint as ckpt
 from ._validation import finite_checks
 from .layer_groups import GRAPHS, LayerGroup, group_layers
 from .models.capture import LayerCapture
-from .objective import eigen_terms, normalize_columns, off_diagonal
+from .objective import eigen_terms, ncut_quadratic_form, normalize_columns, off_diagonal
 from .ops import affinity_symmetric_matmul
 from .parameterizations import PARAMETERIZATIONS, make_parameterization
 from .pooling import EXTRA_TOKEN_MODES
@@ -175,6 +180,7 @@ class SpectralSolver:
         cfg = self.config
         groups = group_layers(captures, base_grid=self._base_grid, graph=cfg.graph, temperature=cfg.vv_temperature,
                               extra_tokens=cfg.extra_tokens, with_offsets=cfg.variant != "random_walk",
+                              with_row_lse=cfg.variant == "random_walk",
                               qk_dtype=QK_DTYPES[cfg.qk_dtype], backend=cfg.backend)
         if image_index is not None:
             image_index = torch.as_tensor(image_index, dtype=torch.long).reshape(-1)
@@ -220,15 +226,15 @@ class SpectralSolver:
             if cfg.variant == "subspace":
                 heads = group.q.shape[2]
                 weights = torch.full((heads,), 1.0 / heads, device=rows.device)
-                mz = affinity_symmetric_matmul(group.q, group.k, x.unsqueeze(-3), scale=group.scale,
-                                               offset=group.offsets, head_weights=weights, backend=cfg.backend)
-                eig = (mz * x).sum(-2)                            # head-mean quotient (L, B, K)
+                # head-mean quotient (L, B, K); its gradient reuses the forward product
+                eig = ncut_quadratic_form(group.q, group.k, x, offset=group.offsets, head_weights=weights,
+                                          scale=group.scale, backend=cfg.backend)
                 eig_sum = eig_sum + heads * (1.0 - eig).sum()
                 eig_count += heads * eig.numel()
                 continue
             symmetric = int(cfg.variant == "symmetric")
             eig, ortho = eigen_terms(group.q, group.k, x, symmetric=symmetric, scale=group.scale,
-                                     offsets=group.offsets, backend=cfg.backend)
+                                     offsets=group.offsets, row_lse=group.row_lse, backend=cfg.backend)
             eig_sum = eig_sum + (eig - (1 - symmetric)).abs().sum()
             eig_count += eig.numel()
             # The official loop concatenates one copy of ortho per layer: the random-walk
@@ -431,7 +437,7 @@ class SpectralSolver:
             else:
                 symmetric = int(cfg.variant == "symmetric")
                 eig, _ = eigen_terms(group.q, group.k, x, symmetric=symmetric, scale=group.scale,
-                                     offsets=group.offsets, backend=cfg.backend)
+                                     offsets=group.offsets, row_lse=group.row_lse, backend=cfg.backend)
                 if symmetric:
                     eig = eig.diagonal(dim1=-3, dim2=-2).movedim(-1, -2)  # z_hᵀ L_h z_h
             for i, name in enumerate(group.names):

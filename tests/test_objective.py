@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spectral_kernels.objective import ncut_loss, off_diagonal
+from spectral_kernels.objective import (eigen_terms, ncut_loss, ncut_quadratic_form, off_diagonal,
+                                        softmax_quadratic_form, symmetric_offsets)
+from spectral_kernels.ops import affinity_logsumexp, affinity_matmul, affinity_symmetric_matmul
 
 
 # tiny problems: one intra-op thread (tests/conftest.py)
@@ -158,3 +160,126 @@ def test_errors_name_the_argument(rng):
         ncut_loss(q, q, feat, n_extra=-1)
     with pytest.raises(TypeError, match="q must be a torch.Tensor"):
         ncut_loss([1.0], q, feat)
+
+
+# --------------------------------------------------------------------------- one-pass quadratic form
+def two_pass_eigen_terms(q, k, x, backend):
+    """The former symmetric=0 path: online-softmax P·Z, gradient by the transposed product."""
+    z = F.normalize(x, dim=-2)
+    pz = affinity_matmul(q, k, z.unsqueeze(-3), normalize="row", backend=backend)
+    return (pz * z.unsqueeze(-3)).sum(-2), off_diagonal(z.transpose(-1, -2) @ z)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dense"])
+@pytest.mark.parametrize("shared_qk", [False, True])
+def test_one_pass_terms_equal_the_two_pass_path(rng, backend, shared_qk):
+    # Layer-group layout: q, k (L, B, H, N, d), one x (1, B, N, K) for all layers; odd sizes.
+    q = 1.5 * torch.randn(3, 2, 5, 37, 7, generator=rng)
+    k = q if shared_qk else 1.5 * torch.randn(3, 2, 5, 37, 7, generator=rng)
+    x0 = torch.rand(1, 2, 37, 6, generator=rng)
+    upstream = torch.randn(3, 2, 5, 6, generator=rng)        # a generic cotangent for eigval
+
+    results = []
+    for terms in (lambda x: two_pass_eigen_terms(q, k, x, backend),
+                  lambda x: eigen_terms(q, k, x, symmetric=0, backend=backend)):
+        x = x0.clone().requires_grad_(True)
+        eig, ortho = terms(x)
+        ((eig * upstream).sum() + ortho.pow(2).sum()).backward()
+        results.append((eig.detach(), ortho.detach(), x.grad))
+    (eig_old, ortho_old, grad_old), (eig_new, ortho_new, grad_new) = results
+    assert eig_new.shape == (3, 2, 5, 6) and grad_new.shape == x0.shape
+    assert rel_err(eig_new, eig_old) < 1e-5
+    assert rel_err(ortho_new, ortho_old) < 1e-6
+    assert rel_err(grad_new, grad_old) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "dense"])
+def test_softmax_quadratic_form_matches_dense_formula_and_gradcheck(rng, backend):
+    q = 2.0 * torch.randn(2, 3, 11, 4, generator=rng, dtype=torch.float64)
+    k = 2.0 * torch.randn(2, 3, 11, 4, generator=rng, dtype=torch.float64)
+    z = torch.randn(11, 5, generator=rng, dtype=torch.float64, requires_grad=True)  # shared by batch and heads
+    p = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)
+    ours = softmax_quadratic_form(q, k, z, backend=backend)
+    torch.testing.assert_close(ours, torch.einsum("nk,bhnm,mk->bhk", z, p, z), rtol=1e-10, atol=1e-12)
+    row_lse = affinity_logsumexp(q, k, backend=backend)
+    assert torch.autograd.gradcheck(
+        lambda z_: softmax_quadratic_form(q, k, z_, row_lse=row_lse, backend=backend), (z,))
+
+
+def test_cached_row_lse_gives_the_same_terms(rng):
+    q, k = torch.randn(2, 4, 25, 8, generator=rng), torch.randn(2, 4, 25, 8, generator=rng)
+    x = torch.rand(2, 25, 3, generator=rng)
+    lse = affinity_logsumexp(q, k)
+    fresh = eigen_terms(q, k, x, symmetric=0)
+    cached = eigen_terms(q, k, x, symmetric=0, row_lse=lse)
+    torch.testing.assert_close(cached[0], fresh[0], rtol=0, atol=0)
+    torch.testing.assert_close(cached[1], fresh[1], rtol=0, atol=0)
+
+
+def test_softmax_quadratic_form_errors_and_no_second_order(rng):
+    q = torch.randn(2, 9, 4, generator=rng)
+    z = torch.rand(9, 3, generator=rng)
+    with pytest.raises(ValueError, match="z must have one row per token"):
+        softmax_quadratic_form(q, q, z[:8])
+    with pytest.raises(ValueError, match="k must have as many tokens as q"):
+        softmax_quadratic_form(q, q[:, :8], z)
+    with pytest.raises(ValueError, match="row_lse must have shape"):
+        softmax_quadratic_form(q, q, z, row_lse=torch.zeros(2, 8))
+    bad = z.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="z contains NaN"):
+        softmax_quadratic_form(q, q, bad)
+    with pytest.raises(ValueError, match="q requires grad"):
+        softmax_quadratic_form(q.clone().requires_grad_(), q, z, row_lse=torch.zeros(2, 9))
+    # The saved (P + Pᵀ)z is data: a second derivative must fail loudly, not come out wrong.
+    zz = z.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(softmax_quadratic_form(q, q, zz).sum(), zz, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["torch", "dense"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("shared_qk", [False, True])
+def test_ncut_quadratic_form_equals_the_two_pass_path(rng, backend, weighted, shared_qk):
+    q = 1.5 * torch.randn(3, 2, 4, 29, 5, generator=rng)
+    k = q if shared_qk else 1.5 * torch.randn(3, 2, 4, 29, 5, generator=rng)
+    offset = symmetric_offsets(q, k, backend=backend)
+    weights = torch.rand(4, generator=rng) if weighted else None
+    x0 = torch.randn(1, 2, 29, 6, generator=rng)
+    upstream = torch.randn((3, 2, 6) if weighted else (3, 2, 4, 6), generator=rng)
+
+    def two_pass(x):  # the product's own backward: a second symmetric pass
+        mz = affinity_symmetric_matmul(q, k, x.unsqueeze(-3), offset=offset, head_weights=weights, backend=backend)
+        return (mz * (x if weighted else x.unsqueeze(-3))).sum(-2)
+
+    results = []
+    for form in (two_pass, lambda x: ncut_quadratic_form(q, k, x, offset=offset, head_weights=weights,
+                                                         backend=backend)):
+        x = x0.clone().requires_grad_(True)
+        values = form(x)
+        (values * upstream).sum().backward()
+        results.append((values.detach(), x.grad))
+    (old, grad_old), (new, grad_new) = results
+    assert new.shape == upstream.shape
+    assert rel_err(new, old) < 1e-6
+    assert rel_err(grad_new, grad_old) < 1e-5
+
+
+def test_ncut_quadratic_form_matches_dense_formula_and_gradcheck(rng):
+    q = torch.randn(2, 13, 4, generator=rng, dtype=torch.float64)
+    k = torch.randn(2, 13, 4, generator=rng, dtype=torch.float64)
+    z = torch.randn(13, 3, generator=rng, dtype=torch.float64, requires_grad=True)
+    a = torch.exp(q @ k.transpose(1, 2) / 2.0)
+    w = 0.5 * (a + a.transpose(1, 2))
+    d = w.sum(-1)
+    m = w / torch.sqrt(d[:, :, None] * d[:, None, :])
+    torch.testing.assert_close(ncut_quadratic_form(q, k, z), torch.einsum("nk,hnm,mk->hk", z, m, z),
+                               rtol=1e-10, atol=1e-12)
+    offset = symmetric_offsets(q, k)
+    weights = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda z_: ncut_quadratic_form(q, k, z_, offset=offset), (z,))
+    assert torch.autograd.gradcheck(
+        lambda z_: ncut_quadratic_form(q, k, z_, offset=offset, head_weights=weights), (z,))
+    with pytest.raises(ValueError, match="z must have one row per token"):
+        ncut_quadratic_form(q, k, z.detach()[:12])

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from spectral_kernels.models.capture import LayerCapture
+from spectral_kernels.ops import blockwise
 from spectral_kernels.objective import ncut_loss
 from spectral_kernels.solver import SpectralSolver
 
@@ -85,6 +86,50 @@ def test_grouped_loss_equals_official_concatenation(rng, variant, graph):
     (g_ref,) = torch.autograd.grad(ref, logits)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=0)
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6 * g_ref.abs().max().item())
+
+
+PRIMITIVE_PASSES = ("matmul", "logsumexp", "symmetric_matmul", "matmul_pair")
+
+
+def count_passes(monkeypatch):
+    """Wrap the blockwise backend's entry points (each one pass over the score tiles) with counters."""
+    counts = dict.fromkeys(PRIMITIVE_PASSES, 0)
+    for name in PRIMITIVE_PASSES:
+        original = getattr(blockwise, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(blockwise, name, counted)
+    return counts
+
+
+# Passes over the score tiles per solver step and layer group (values and gradient).
+PASSES_PER_STEP = {
+    "random_walk": {"matmul_pair": 1},       # P z and Pᵀ z from one pair; row LSE cached
+    "subspace": {"symmetric_matmul": 1},     # M symmetric: the gradient 2·M z is the forward product
+    "symmetric": {"symmetric_matmul": 2},    # cross-head terms: backward applies M to other vectors
+}
+
+
+@pytest.mark.parametrize("variant", list(PASSES_PER_STEP))
+def test_passes_per_step_and_layer_group(rng, monkeypatch, variant):
+    # 3 groups: 8² (2 layers), 4² + CLS (2 layers), 4² with 3 heads (1 layer).
+    caps = [random_capture(rng, "a", 8), random_capture(rng, "b", 4, n_extra=1), random_capture(rng, "c", 8),
+            random_capture(rng, "d", 4, n_extra=1), random_capture(rng, "e", 4, heads=3)]
+    n_groups = 3
+    counts = count_passes(monkeypatch)
+    per_run = {}
+    for steps in (1, 4):
+        counts.update(dict.fromkeys(PRIMITIVE_PASSES, 0))
+        SpectralSolver(n_eig=3, steps=steps, variant=variant, backend="torch", progress=False).fit(caps)
+        per_run[steps] = dict(counts)
+    if variant == "random_walk":
+        # Setup: one row-LSE pass per group for the whole run (cached with the group).
+        assert per_run[4]["logsumexp"] == n_groups
+    delta = {name: per_run[4][name] - per_run[1][name] for name in PRIMITIVE_PASSES}
+    expected = {name: 3 * n_groups * PASSES_PER_STEP[variant].get(name, 0) for name in PRIMITIVE_PASSES}
+    assert delta == expected
 
 
 def _cluster_centers(rng, n_clusters=3, d=6, radius=2.5):
