@@ -296,7 +296,7 @@ def _lobpcg(problem: _Problem, apply: _Applier, state: LobpcgState, bar, callbac
         history.append(residuals.clone())
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(residual=f"{float(residuals.max()):.1e}")
+            bar.set_postfix(residual=f"{float(residuals.max()):.1e}", tol=f"{problem.tol:g}")
         if bool((residuals <= tol).all()):
             converged = True
             break
@@ -342,7 +342,9 @@ def _solve(problem: _Problem, start, *, progress=False, callback=None, return_in
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=problem.max_iter, initial=state.iteration, desc=name, leave=False)
+        # Iterations, not a fraction of max_iter (a cap that converged runs never approach);
+        # the postfix shows the residual closing on tol.
+        bar = tqdm(initial=state.iteration, desc=name, unit="it", leave=False)
     try:
         converged, stalled, n_iter, residuals = _lobpcg(problem, apply, state, bar, callback)
     finally:
