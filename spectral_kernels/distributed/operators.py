@@ -43,8 +43,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._validation import check_positive, check_same_device, check_tensor
-from ..operators.affinity import NORMALIZE_MODES, _as_heads, _head_weights
+from .._validation import check_positive, check_tensor
+from ..operators.affinity import NORMALIZE_MODES, _as_heads, _head_weights, _query_key_heads
 from ..operators.base import AffinityOperator, SumOperator
 from ..ops import affinity_logsumexp, affinity_matmul, affinity_symmetric_matmul
 from ..ops._layout import compute_dtype
@@ -218,15 +218,7 @@ class ShardedKQAffinity(ShardedOperator):
                  head_weights: Tensor | None = None, backend: str = "auto", group=None):
         if normalize not in NORMALIZE_MODES:
             raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
-        shared = q_local is k_local
-        q3 = _as_heads("q_local", q_local).detach()
-        k3 = q3 if shared else _as_heads("k_local", k_local).detach()
-        check_same_device(q_local=q3, k_local=k3)
-        if q3.shape != k3.shape:
-            raise ValueError(f"q_local and k_local must have the same (H, n_local, d) shape, got "
-                             f"{tuple(q3.shape)} and {tuple(k3.shape)}")
-        if q3.dtype != k3.dtype:
-            raise TypeError(f"q_local and k_local must have the same dtype, got {q3.dtype} and {k3.dtype}")
+        q3, k3, shared = _query_key_heads(q_local, k_local, "q_local", "k_local")
         heads, n_local, d = q3.shape
         if d == 0:
             raise ValueError(f"q_local needs at least one feature, got shape {tuple(q3.shape)}")

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .._validation import check_positive, check_same_device, check_tensor
 from ..ops import affinity_logsumexp, affinity_matmul, affinity_symmetric_matmul
+from ..ops._common import resolve_scale
 from ..ops._layout import compute_dtype
 from .base import AffinityOperator
 
@@ -39,6 +40,23 @@ def _as_heads(name: str, t) -> Tensor:
         return t[0]
     raise ValueError(f"{name} must be (N, d), (H, N, d) or (1, H, N, d); got shape {tuple(t.shape)} "
                      f"(build one operator per image, or sum them, for a batch)")
+
+
+def _query_key_heads(q, k, q_name: str, k_name: str) -> tuple[Tensor, Tensor, bool]:
+    """Validated (H, N, d) views of q and k, and whether they are one tensor (S symmetric).
+
+    Shared by KQAffinity and its sharded twin, whose arguments carry other names.
+    """
+    shared = q is k
+    q3 = _as_heads(q_name, q).detach()
+    k3 = q3 if shared else _as_heads(k_name, k).detach()
+    check_same_device(**{q_name: q3, k_name: k3})
+    if q3.shape != k3.shape:
+        raise ValueError(f"{q_name} and {k_name} must have the same (H, N, d) shape, got "
+                         f"{tuple(q3.shape)} and {tuple(k3.shape)}")
+    if q3.dtype != k3.dtype:
+        raise TypeError(f"{q_name} and {k_name} must have the same dtype, got {q3.dtype} and {k3.dtype}")
+    return q3, k3, shared
 
 
 def _head_weights(head_weights, heads: int, dtype, device) -> Tensor:
@@ -80,23 +98,12 @@ class KQAffinity(AffinityOperator):
                  head_weights: Tensor | None = None, backend: str = "auto"):
         if normalize not in NORMALIZE_MODES:
             raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
-        shared = q is k
-        q3 = _as_heads("q", q).detach()
-        k3 = q3 if shared else _as_heads("k", k).detach()
-        check_same_device(q=q3, k=k3)
-        if q3.shape != k3.shape:
-            raise ValueError(f"q and k must have the same (H, N, d) shape, got {tuple(q3.shape)} and {tuple(k3.shape)}")
-        if q3.dtype != k3.dtype:
-            raise TypeError(f"q and k must have the same dtype, got {q3.dtype} and {k3.dtype}")
+        q3, k3, _ = _query_key_heads(q, k, "q", "k")
         heads, n, d = q3.shape
         if n == 0 or d == 0:
             raise ValueError(f"q and k need at least one token and one feature, got shape {tuple(q3.shape)}")
-        if scale is None:
-            scale = 1.0 / math.sqrt(d)
-        if not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"scale must be a finite number, got {scale!r}")
         self.q, self.k = q3, k3
-        self.scale = float(scale)
+        self.scale = resolve_scale(scale, d)
         self.normalize = normalize
         self.backend = backend
         self.shape = (n, n)
