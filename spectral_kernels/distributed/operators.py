@@ -40,11 +40,10 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
-from .._validation import check_positive, check_tensor
-from ..operators.affinity import NORMALIZE_MODES, _as_heads, _head_weights, _query_key_heads
+from .._validation import check_tensor
+from ..operators.affinity import NORMALIZE_MODES, _head_weights, _query_key_heads, _unit_values
 from ..operators.base import AffinityOperator, SumOperator
 from ..ops import affinity_logsumexp, affinity_matmul, affinity_symmetric_matmul
 from ..ops._layout import compute_dtype
@@ -471,11 +470,7 @@ class ShardedVVAffinity(ShardedKQAffinity):
 
     def __init__(self, v_local: Tensor, *, temperature: float = 0.1, normalize: str = "sym",
                  head_weights: Tensor | None = None, backend: str = "auto", group=None):
-        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
-            raise ValueError(f"temperature must be a finite number, got {temperature!r}")
-        check_positive("temperature", temperature)
-        v3 = _as_heads("v_local", v_local).detach()
-        unit = F.normalize(v3.to(compute_dtype(v3)), dim=-1)
+        unit = _unit_values("v_local", v_local, temperature)
         self.temperature = float(temperature)
         super().__init__(unit, unit, normalize=normalize, scale=1.0 / temperature, head_weights=head_weights,
                          backend=backend, group=group)

@@ -59,6 +59,18 @@ def _query_key_heads(q, k, q_name: str, k_name: str) -> tuple[Tensor, Tensor, bo
     return q3, k3, shared
 
 
+def _unit_values(name: str, v, temperature) -> Tensor:
+    """L2-normalised (H, N, d) values for a cosine graph exp(cos/t), after checking t > 0.
+
+    Shared by VVAffinity and its sharded twin.
+    """
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number, got {temperature!r}")
+    check_positive("temperature", temperature)
+    v3 = _as_heads(name, v).detach()
+    return F.normalize(v3.to(compute_dtype(v3)), dim=-1)
+
+
 def _head_weights(head_weights, heads: int, dtype, device) -> Tensor:
     """Weights normalised to sum 1 (a weighted mean); uniform when not given."""
     if head_weights is None:
@@ -191,11 +203,7 @@ class VVAffinity(KQAffinity):
 
     def __init__(self, v: Tensor, *, temperature: float = 0.1, normalize: str = "sym",
                  head_weights: Tensor | None = None, backend: str = "auto"):
-        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
-            raise ValueError(f"temperature must be a finite number, got {temperature!r}")
-        check_positive("temperature", temperature)
-        v3 = _as_heads("v", v).detach()
-        unit = F.normalize(v3.to(compute_dtype(v3)), dim=-1)
+        unit = _unit_values("v", v, temperature)
         self.temperature = float(temperature)
         super().__init__(unit, unit, normalize=normalize, scale=1.0 / temperature,
                          head_weights=head_weights, backend=backend)
