@@ -7,6 +7,8 @@ does the rest: convert and resize the images, normalise them, hook, run, and ret
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +18,20 @@ from .hooks import AttentionSite, record
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def optional_import(module: str, purpose: str):
+    """Import an optional library on first use, or raise ImportError saying what needs it and
+    which pip package provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"{purpose}: pip install {module} ({exc})") from exc
+
+
+def as_pair(v) -> tuple[int, int]:
+    """An int or a 2-sequence (a library's patch or image size) as an (h, w) pair of ints."""
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def _round_to_multiple(n: float, multiple: int) -> int:

@@ -12,19 +12,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import CaptureModel
+from .base import CaptureModel, optional_import
 from .hooks import AttentionSite, downsampled_grid
 
 DEFAULT_T_RANGE = (0, 250)
 
 
 def import_diffusers():
-    try:
-        import diffusers
-    except ImportError as exc:
-        raise ImportError(f"Stable Diffusion models need the 'diffusers' package: pip install diffusers "
-                          f"({exc})") from exc
-    return diffusers
+    return optional_import("diffusers", "Stable Diffusion models need the 'diffusers' package")
 
 
 def sd_alphas_cumprod(n_steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:

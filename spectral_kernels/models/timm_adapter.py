@@ -11,21 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import IMAGENET_MEAN, IMAGENET_STD, CaptureModel
+from .base import IMAGENET_MEAN, IMAGENET_STD, CaptureModel, as_pair, optional_import
 from .hooks import AttentionSite, fixed_grid
 
 
 def import_timm():
-    try:
-        import timm
-    except ImportError as exc:
-        raise ImportError(f"timm models need the 'timm' package (and a torchvision matching your torch): "
-                          f"pip install timm ({exc})") from exc
-    return timm
+    return optional_import("timm", "timm models need the 'timm' package (and a torchvision matching your torch)")
 
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 class TimmViT(CaptureModel):
@@ -52,10 +44,10 @@ class TimmViT(CaptureModel):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype = dtype
         self.network.to(self.device, dtype).eval()
-        self.patch_size = _pair(model.patch_embed.patch_size)[0]
+        self.patch_size = as_pair(model.patch_embed.patch_size)[0]
         if not getattr(model, "dynamic_img_size", False):
-            self.fixed_size = _pair(model.patch_embed.img_size)  # position table fixed to this size
-        self.image_size = image_size if image_size is not None else _pair(model.patch_embed.img_size)
+            self.fixed_size = as_pair(model.patch_embed.img_size)  # position table fixed to this size
+        self.image_size = image_size if image_size is not None else as_pair(model.patch_embed.img_size)
         cfg = getattr(model, "pretrained_cfg", None) or {}
         self.mean = tuple(cfg.get("mean", IMAGENET_MEAN))
         self.std = tuple(cfg.get("std", IMAGENET_STD))
@@ -67,7 +59,7 @@ class TimmViT(CaptureModel):
         return cls(model, name=f"timm:{name}", device=device, **kw)
 
     def sites(self, pixels: torch.Tensor) -> list[AttentionSite]:
-        p = _pair(self.network.patch_embed.patch_size)
+        p = as_pair(self.network.patch_embed.patch_size)
         grid = fixed_grid((pixels.shape[-2] // p[0], pixels.shape[-1] // p[1]))
         n_extra = int(getattr(self.network, "num_prefix_tokens", 1))
         sites = []

@@ -13,21 +13,13 @@ import inspect
 import torch
 from torch import nn
 
-from .base import IMAGENET_MEAN, IMAGENET_STD, CaptureModel
+from .base import IMAGENET_MEAN, IMAGENET_STD, CaptureModel, as_pair, optional_import
 from .hooks import AttentionSite, fixed_grid
 
 
 def import_transformers():
-    try:
-        import transformers
-    except ImportError as exc:
-        raise ImportError(f"Hugging Face models need the 'transformers' package: pip install transformers "
-                          f"({exc})") from exc
-    return transformers
+    return optional_import("transformers", "Hugging Face models need the 'transformers' package")
 
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def _attention_layers(model: nn.Module):
@@ -62,7 +54,7 @@ class HFViT(CaptureModel):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype = dtype
         self.network.to(self.device, dtype).eval()
-        self.patch_size = _pair(config.patch_size)[0]
+        self.patch_size = as_pair(config.patch_size)[0]
         self.image_size = image_size
         self.n_extra = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
         self.mean = tuple(mean) if mean is not None else IMAGENET_MEAN
@@ -83,7 +75,7 @@ class HFViT(CaptureModel):
         return cls(model, name=f"hf:{hub_id}", device=device, **kw)
 
     def sites(self, pixels: torch.Tensor) -> list[AttentionSite]:
-        p = _pair(self.config.patch_size)
+        p = as_pair(self.config.patch_size)
         grid = fixed_grid((pixels.shape[-2] // p[0], pixels.shape[-1] // p[1]))
         heads = int(self.config.num_attention_heads)
         sites = []
