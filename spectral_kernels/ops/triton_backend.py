@@ -55,30 +55,28 @@ def _autotune_enabled() -> bool:
     return os.environ.get("SPECTRAL_KERNELS_TRITON_AUTOTUNE", "1") != "0"
 
 
-def _row_configs(tuned):
+def _configs(table, tuned, interpreter_rows):
+    """Autotune candidates from a (rows, cols, warps, stages) table; one small tile when
+    interpreted (``interpreter_rows`` × the column tile), the first entry when not tuned."""
     if _interpreted():
-        return [triton.Config({"BLOCK_ROWS": _INTERPRETER_BLOCK, "BLOCK_COLS": _INTERPRETER_BLOCK},
+        return [triton.Config({"BLOCK_ROWS": interpreter_rows, "BLOCK_COLS": _INTERPRETER_BLOCK},
                               num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_ROWS": r, "BLOCK_COLS": c}, num_warps=w, num_stages=s)
-            for r, c, w, s in (_ROW_CONFIGS if tuned else _ROW_CONFIGS[:1])]
+            for r, c, w, s in (table if tuned else table[:1])]
+
+
+def _row_configs(tuned):
+    return _configs(_ROW_CONFIGS, tuned, _INTERPRETER_BLOCK)
 
 
 def _symmetric_configs(tuned):
-    if _interpreted():
-        # Rows = 2 × columns: the interpreter tests cover a diagonal band of several tiles.
-        return [triton.Config({"BLOCK_ROWS": 2 * _INTERPRETER_BLOCK, "BLOCK_COLS": _INTERPRETER_BLOCK},
-                              num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_ROWS": r, "BLOCK_COLS": c}, num_warps=w, num_stages=s)
-            for r, c, w, s in (_SYMMETRIC_CONFIGS if tuned else _SYMMETRIC_CONFIGS[:1])]
+    # Rows = 2 × columns: the interpreter tests cover a diagonal band of several tiles.
+    return _configs(_SYMMETRIC_CONFIGS, tuned, 2 * _INTERPRETER_BLOCK)
 
 
 def _pair_configs(tuned):
-    if _interpreted():
-        # Rows ≠ columns so that a mix-up of the two tile sizes shows in the tests.
-        return [triton.Config({"BLOCK_ROWS": 2 * _INTERPRETER_BLOCK, "BLOCK_COLS": _INTERPRETER_BLOCK},
-                              num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_ROWS": r, "BLOCK_COLS": c}, num_warps=w, num_stages=s)
-            for r, c, w, s in (_PAIR_CONFIGS if tuned else _PAIR_CONFIGS[:1])]
+    # Rows ≠ columns so that a mix-up of the two tile sizes shows in the tests.
+    return _configs(_PAIR_CONFIGS, tuned, 2 * _INTERPRETER_BLOCK)
 
 
 def _fits_registers(configs, named_args, **kwargs):
