@@ -169,9 +169,12 @@ class _Applier:
         self.calls = self.columns = 0
 
     def __call__(self, x64: Tensor) -> Tensor:
-        y = self.op.matmul(x64.to(self.op.dtype))
+        return self.record(self.op.matmul(x64.to(self.op.dtype)))
+
+    def record(self, y: Tensor) -> Tensor:
+        """Count, check and deflate a product made by the operator (here or in ``fused_start``)."""
         self.calls += 1
-        self.columns += x64.shape[1]
+        self.columns += y.shape[1]
         if not self.algebra.all_finite(y):  # collective for sharded rows: every rank raises together
             raise ValueError("the operator returned NaN or Inf (an unnormalised exp(τ·q·k) overflows in fp32: "
                              "use normalize='sym' or 'row', or smaller scores)")
@@ -228,8 +231,14 @@ def _setup(op: AffinityOperator, algebra, k, *, tol, max_iter, block_size, exclu
     return _Problem(op, algebra, k, tol, max_iter, min(width, available), deflate, name)
 
 
-def _initial_block(problem: _Problem, x0, generator) -> Tensor:
-    """Orthonormal (n_local, width) start: x0's columns, then random ones drawn from ``generator``."""
+def _random_rows(problem: _Problem, columns: int, generator) -> Tensor:
+    n = problem.algebra.n_local
+    return torch.randn(n, columns, dtype=torch.float64, generator=generator).to(problem.op.device)
+
+
+def _initial_block(problem: _Problem, x0, generator, rand: Tensor | None = None) -> Tensor:
+    """Orthonormal (n_local, width) start: x0's columns, then random ones drawn from ``generator``
+    (or the given ``rand``)."""
     algebra, width, device = problem.algebra, problem.width, problem.op.device
     n, label = algebra.n_local, algebra.rows_label
     if x0 is None:
@@ -244,12 +253,42 @@ def _initial_block(problem: _Problem, x0, generator) -> Tensor:
     # x0 first and on its own: the orthonormalisation rotates within a block, and the
     # warm-start span must survive intact.
     start = _orthonormalize(start, [problem.deflate], algebra)
-    rand = torch.randn(n, width - start.shape[1], dtype=torch.float64, generator=generator).to(device)
+    if rand is None:
+        rand = _random_rows(problem, width - start.shape[1], generator)
     block = torch.cat([start, _orthonormalize(rand, [problem.deflate, start], algebra)], dim=1)
     if block.shape[1] < problem.k:
         raise ValueError(f"could not build {problem.k} independent start vectors "
                          f"(x0 rank-deficient on a tiny operator)")
     return block
+
+
+def _fused_start_block(problem: _Problem, apply: _Applier, rand: Tensor):
+    """(X, A·X) with X orthonormal from the operator's ``fused_start``, or None.
+
+    The operator derives its start X0 from a random block and returns A·X0 from the pass
+    that also computes its degrees; X = P·X0·T (P the deflation projector, T the SVQB
+    transforms) and A·X = P·(A·X0)·T, since A·u = u for the deflated eigenvector u.
+    """
+    op, algebra = problem.op, problem.algebra
+    if not isinstance(algebra, LocalRows):
+        return None
+    fused = op.fused_start(rand.to(op.dtype))
+    if fused is None:
+        return None
+    x0, image = fused
+    X, AX = x0.to(torch.float64), apply.record(image)
+    for _ in range(2):
+        X = _project_out(X, [problem.deflate], algebra)
+    norms = algebra.col_norms(X)
+    X, AX = X / norms, AX / norms
+    for _ in range(2):  # as in _orthonormalize, with the image carried along
+        evals, evecs = algebra.eigh(algebra.gram(X, X))
+        keep = evals > 1e-10 * float(evals.max())
+        transform = evecs[:, keep] / evals[keep].sqrt()
+        X, AX = X @ transform, AX @ transform
+    if X.shape[1] < problem.k:
+        return None
+    return X, AX
 
 
 def _rayleigh_ritz(basis, image, width, algebra):
@@ -261,9 +300,10 @@ def _rayleigh_ritz(basis, image, width, algebra):
     return evals[order], evecs[:, order]
 
 
-def _first_state(problem: _Problem, apply: _Applier, X: Tensor) -> LobpcgState:
-    """Symmetry probe and the first Rayleigh–Ritz step on the start block."""
-    AX = apply(X)
+def _first_state(problem: _Problem, apply: _Applier, X: Tensor, AX: Tensor | None = None) -> LobpcgState:
+    """Symmetry probe and the first Rayleigh–Ritz step on the start block (A·X computed here unless given)."""
+    if AX is None:
+        AX = apply(X)
     gram = problem.algebra.gram(X, AX)
     # max |⟨x_i, A x_j⟩ − ⟨A x_i, x_j⟩| relative to max |⟨x_i, A x_j⟩|, from products already made
     asym = float((gram - gram.T).abs().max()) / max(float(gram.abs().max()), torch.finfo(torch.float64).tiny)
@@ -337,6 +377,11 @@ def _solve(problem: _Problem, start, *, progress=False, callback=None, return_in
     if isinstance(start, LobpcgState):
         state = dataclasses.replace(start, history=list(start.history))  # the caller's copy stays as saved
         apply.calls, apply.columns = state.calls, state.columns
+    elif isinstance(start, torch.Generator) or start is None:  # a random start, fused when the operator can
+        rand = _random_rows(problem, problem.width, start)
+        fused = _fused_start_block(problem, apply, rand)
+        X, AX = fused if fused is not None else (_initial_block(problem, None, start, rand), None)
+        state = _first_state(problem, apply, X, AX)
     else:
         state = _first_state(problem, apply, start)
     bar = None
@@ -413,5 +458,6 @@ def eigsh(op, k: int, *, tol: float = 1e-6, max_iter: int | None = None, x0: Ten
     algebra = row_algebra() if row_algebra is not None else LocalRows(A.shape[0])
     problem = _setup(A, algebra, k, tol=tol, max_iter=max_iter, block_size=block_size,
                      exclude_trivial=exclude_trivial, name="eigsh")
-    start = _initial_block(problem, x0, generator)
+    # A random start is built inside _solve, where it can share the operator's degree pass.
+    start = generator if x0 is None else _initial_block(problem, x0, generator)
     return _solve(problem, start, progress=progress, return_info=return_info)

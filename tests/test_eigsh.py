@@ -75,6 +75,48 @@ def test_vv_ncut_on_clustered_features(rng, n):
     assert vals.dtype == torch.float32 and vecs.dtype == torch.float32
 
 
+def test_vv_degrees_come_from_the_first_product(rng, monkeypatch):
+    """Single-head VV: eigsh's first pass also yields the degrees, so no separate LSE pass runs."""
+    import spectral_kernels.operators.affinity as affinity_module
+
+    def separate_degree_pass(*args, **kwargs):
+        raise AssertionError("a separate degree (LSE) pass ran")
+
+    monkeypatch.setattr(affinity_module, "affinity_logsumexp", separate_degree_pass)
+    x = clustered(rng, 500, d=16)
+    t = 0.3
+    op = VVAffinity(x, temperature=t)
+    u = F.normalize(x.double(), dim=-1)
+    ref_vals, ref_vecs = top_eigh(ncut_dense(u, u, 1 / t), 8)
+    vals, vecs, info = eigsh(op, 8, return_info=True)
+    assert_matches(vals, vecs, ref_vals, ref_vecs)
+    assert info.n_calls == info.n_iter
+    ref_lse = torch.logsumexp(u @ u.T / t, -1)
+    assert float((op.row_lse()[0].double() - ref_lse).abs().max()) < 1e-5
+
+
+def test_fused_start_product_matches_the_dense_operator(rng):
+    x = clustered(rng, 300, d=8)
+    op = VVAffinity(x, temperature=0.2)
+    z = torch.randn(300, 5, generator=rng)
+    x0, image = op.fused_start(z)
+    u = F.normalize(x.double(), dim=-1)
+    m = ncut_dense(u, u, 5.0)
+    assert float((image.double() - m @ x0.double()).abs().max() / (m @ x0.double()).abs().max()) < 1e-5
+    assert op.fused_start(z) is None  # degrees known now: nothing left to fuse
+
+
+def test_spread_norms_take_the_separate_degree_pass(rng):
+    """Norms spread too far for one safe offset: fused_start declines and eigsh stays exact."""
+    x = clustered(rng, 300, d=4, clusters=5, spread=0.5)
+    x = x * torch.linspace(0.5, 1.5, 300)[torch.randperm(300, generator=rng)][:, None]
+    op = KQAffinity(x, x, scale=2.0)  # τ|q_i|² spans > 40
+    assert op.fused_start(torch.randn(300, 4, generator=rng)) is None
+    ref_vals, ref_vecs = top_eigh(ncut_dense(x, x, 2.0), 6)
+    vals, vecs = eigsh(op, 6)
+    assert_matches(vals, vecs, ref_vals, ref_vecs)
+
+
 def test_kq_heads_with_weights(rng):
     n, heads, d = 600, 3, 16
     q = clustered(rng, heads * n, d).reshape(heads, n, d)

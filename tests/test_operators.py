@@ -131,9 +131,11 @@ def test_sym_stays_finite_for_huge_scores(rng):
     dense = op.to_dense()
     assert torch.isfinite(dense).all()
     u = op.trivial_eigenvector()
-    # M·sqrt(d) = sqrt(d) even when every d_i is astronomically large. fp32 scores of size
-    # |S| ~ 1e4 carry an absolute error ~|S|·6e-8 in the exponent, hence the looser bound.
-    close(op @ u, u, rtol=1e-3)
+    # M·sqrt(d) = sqrt(d) even when every d_i is astronomically large. An fp32 exponent of
+    # size ~1e4 is resolved to ulp(8192) ≈ 1e-3 — that is fp32's precision here, not an
+    # error of the method — and each entry carries a few such roundings (scores, offsets,
+    # LSE), hence a bound of a few ulp: far below anything an overflow or a lost offset gives.
+    close(op @ u, u, rtol=4e-3)
 
 
 def test_trivial_eigenvector_of_ncut_operator(rng):

@@ -177,6 +177,35 @@ class KQAffinity(AffinityOperator):
             return affinity_matmul(self.k, self.q, x, col_offset=self.row_lse(), **common)
         return affinity_matmul(self.k, self.q, x, **common)
 
+    def fused_start(self, z):
+        """(D^½·z, M·D^½·z) and the degrees, from one pass instead of two (single-head VV-type "sym").
+
+        When q is k, Cauchy–Schwarz bounds every score by S_ii = τ|q_i|²'s maximum, so one
+        constant offset a = max_i τ|q_i|²/2 makes every exp(S_ij − 2a) ≤ 1 while each row
+        keeps its diagonal term exp(τ|q_i|² − 2a) far above underflow (when the squared norms
+        spread by < 40/τ). Then ½(E + Eᵀ)·[1, z] gives the degrees d̃ = d·e^{−2a} in its first
+        column and W̃·z in the others, and with X0 = D̃^½ z, M·X0 = D̃^-½ W̃ z (M = D^-½ W D^-½
+        is invariant to the common factor e^{−2a}). The degrees are cached as the row LSE, so
+        later products need no separate degree pass. None when not applicable.
+        """
+        if (self.normalize != "sym" or not self.scores_symmetric or self.n_heads != 1
+                or self.scale <= 0 or self._row_lse is not None):
+            return None
+        half_norms = 0.5 * self.scale * self.q[0].double().pow(2).sum(-1)   # τ|q_i|²/2, (N,)
+        top = float(half_norms.max())
+        if 2.0 * (top - float(half_norms.min())) > 40.0:
+            return None  # diagonal terms could underflow: the two-pass path is exact everywhere
+        ones = torch.ones(z.shape[0], 1, dtype=self.dtype, device=self.device)
+        offset = torch.full((1, z.shape[0]), top, dtype=self.dtype, device=self.device)
+        y = affinity_symmetric_matmul(self.q, self.q, torch.cat([ones, z.to(self.dtype)], 1), scale=self.scale,
+                                      offset=offset, head_weights=self.head_weights, backend=self.backend)
+        degrees = y[:, 0]
+        if not bool(torch.isfinite(y).all()) or not bool((degrees > 0).all()):
+            return None
+        self._row_lse = (degrees.log() + 2.0 * top)[None].to(self.dtype)
+        root = degrees.sqrt()[:, None]
+        return root * z.to(self.dtype), y[:, 1:] / root
+
     def trivial_eigenvector(self):
         """∝ sqrt(d) for a single-head "sym" operator (eigenvalue 1); None otherwise.
 

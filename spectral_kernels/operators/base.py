@@ -118,6 +118,15 @@ class AffinityOperator:
         """Unit-norm eigenvector known in closed form (NCut: ∝ sqrt(degrees)), or None."""
         return None
 
+    def fused_start(self, z: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(X0, op·X0) for a start block X0 derived from z (N, m), or None.
+
+        For operators whose statistics (degrees) cost a pass of their own before the first
+        product, this computes both in that one pass; eigsh uses it for its random start.
+        None: not available (the default), and eigsh applies the operator as usual.
+        """
+        return None
+
     def to_dense(self) -> Tensor:
         """The N×N matrix (applies the operator to the identity): tests on small N only."""
         n = self.shape[1]

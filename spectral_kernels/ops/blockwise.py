@@ -32,11 +32,43 @@ def tile_sizes(batch: int, n: int, m: int, tile_elements: int | None = None) -> 
     return rows, cols
 
 
-def _scores(q_blk, k_blk, scale, col_offset_blk):
-    """τ·q kᵀ − β_j for one tile, with the column offset fused into baddbmm."""
-    if col_offset_blk is None:
-        return torch.bmm(q_blk, k_blk.transpose(1, 2)).mul_(scale)
-    return torch.baddbmm(col_offset_blk.neg().unsqueeze(1), q_blk, k_blk.transpose(1, 2), alpha=scale)
+class _ScoreTiles:
+    """The score tiles S_ij − α_i − β_j of one call, each one GEMM into one reused buffer.
+
+    Offsets are folded into the GEMM operands, [τq_i, −α_i, 1]·[k_j, 1, −β_j] = τ q_i·k_j −
+    α_i − β_j: one matmul per tile instead of a matmul and one or two more passes over it
+    (the inner dimension grows by at most 2, which costs nothing measurable).
+    Every tile is written into the same buffer with ``out=``: a fresh tile-sized tensor per
+    tile costs page faults on CPU (large blocks go back to the OS) that take as long as the
+    tile's matmul. Edge tiles use a contiguous prefix of the buffer.
+    """
+
+    def __init__(self, q, k, scale, rows, cols, row_offset=None, col_offset=None):
+        lhs, rhs = [q * scale], [k]
+        if row_offset is not None:
+            lhs.append(-row_offset[..., None])
+            rhs.append(torch.ones_like(k[..., :1]))
+        if col_offset is not None:
+            lhs.append(torch.ones_like(q[..., :1]))
+            rhs.append(-col_offset[..., None])
+        self.lhs = torch.cat(lhs, -1) if len(lhs) > 1 else lhs[0]
+        self.rhs = torch.cat(rhs, -1) if len(rhs) > 1 else rhs[0]
+        self.batch = q.shape[0]
+        self._flat = torch.empty(self.batch * rows * cols, dtype=q.dtype, device=q.device)
+
+    def __call__(self, i0, i1, j0, j1):
+        s = self._flat[: self.batch * (i1 - i0) * (j1 - j0)].view(self.batch, i1 - i0, j1 - j0)
+        return torch.bmm(self.lhs[:, i0:i1], self.rhs[:, j0:j1].transpose(1, 2), out=s)
+
+
+class _Buffer:
+    """A reusable flat buffer handing out dense (B, r, c) views (see _ScoreTiles)."""
+
+    def __init__(self, batch, rows, cols, dtype, device):
+        self._flat = torch.empty(batch * rows * cols, dtype=dtype, device=device)
+
+    def view(self, batch, rows, cols):
+        return self._flat[: batch * rows * cols].view(batch, rows, cols)
 
 
 def _cast(t, dtype):
@@ -55,38 +87,35 @@ def matmul(q, k, x, *, scale, row_offset=None, col_offset=None, normalize="none"
     y = torch.zeros(batch, n, width, dtype=dtype, device=q.device)
     lse = torch.full((batch, n), -math.inf, dtype=dtype, device=q.device) if normalize == "row" else None
     rows, cols = tile_sizes(batch, n, m_cols, tile_elements)
+    # Row offsets of the softmax form are applied to Y at the end, not to the scores.
+    tiles = _ScoreTiles(q, k, scale, rows, cols, None if normalize == "row" else row_offset, col_offset)
     for i0 in range(0, n, rows):
         i1 = min(i0 + rows, n)
-        q_blk = q[:, i0:i1]
         if normalize == "row":
-            y[:, i0:i1], lse[:, i0:i1] = _online_softmax_rows(q_blk, k, x, scale, col_offset, cols)
+            y[:, i0:i1], lse[:, i0:i1] = _online_softmax_rows(tiles, i0, i1, m_cols, x, cols)
         else:
             # A contiguous accumulator: baddbmm_ into a strided slice of y is several times
             # slower on CPU (it falls back to one gemm per batch entry).
             acc = torch.zeros(batch, i1 - i0, width, dtype=dtype, device=q.device)
             for j0 in range(0, m_cols, cols):
                 j1 = min(j0 + cols, m_cols)
-                s = _scores(q_blk, k[:, j0:j1], scale, None if col_offset is None else col_offset[:, j0:j1])
-                if row_offset is not None:
-                    s.sub_(row_offset[:, i0:i1, None])
-                acc.baddbmm_(s.exp_(), x[:, j0:j1])
+                acc.baddbmm_(tiles(i0, i1, j0, j1).exp_(), x[:, j0:j1])
             y[:, i0:i1] = acc
     if normalize == "row" and row_offset is not None:
         y.mul_(torch.exp(-row_offset)[:, :, None])
     return reduce_heads(unflat(y, groups), head_weights), (None if lse is None else unflat(lse, groups))
 
 
-def _online_softmax_rows(q_blk, k, x, scale, col_offset, cols):
+def _online_softmax_rows(tiles, i0, i1, m_cols, x, cols):
     """One row tile of softmax(S − β)·X in a single pass over column tiles (online max)."""
-    batch, rows = q_blk.shape[:2]
-    m_cols = k.shape[1]
-    dtype, device = q_blk.dtype, q_blk.device
+    batch, rows = x.shape[0], i1 - i0
+    dtype, device = x.dtype, x.device
     running_max = torch.full((batch, rows, 1), -math.inf, dtype=dtype, device=device)
     running_sum = torch.zeros(batch, rows, 1, dtype=dtype, device=device)
     acc = torch.zeros(batch, rows, x.shape[2], dtype=dtype, device=device)
     for j0 in range(0, m_cols, cols):
         j1 = min(j0 + cols, m_cols)
-        s = _scores(q_blk, k[:, j0:j1], scale, None if col_offset is None else col_offset[:, j0:j1])
+        s = tiles(i0, i1, j0, j1)
         new_max = torch.maximum(running_max, s.amax(-1, keepdim=True))
         # exp(-inf - -inf) is nan: rows that have seen nothing yet keep a zero correction.
         correction = torch.exp(running_max - new_max).nan_to_num_(0.0)
@@ -96,6 +125,12 @@ def _online_softmax_rows(q_blk, k, x, scale, col_offset, cols):
         running_max = new_max
     lse = (running_max + running_sum.log()).squeeze(-1)
     return acc.div_(running_sum.clamp_min(torch.finfo(dtype).tiny)), lse
+
+
+def _tile_logsumexp(s):
+    """log Σ_j exp(s_ij) over a tile's rows, in place (s is overwritten)."""
+    row_max = s.amax(-1, keepdim=True)
+    return (row_max + s.sub_(row_max).exp_().sum(-1, keepdim=True).log_()).squeeze(-1)
 
 
 def logsumexp(q, k, *, scale, col_offset=None, tile_elements=None):
@@ -109,13 +144,20 @@ def logsumexp(q, k, *, scale, col_offset=None, tile_elements=None):
     m_cols = k.shape[1]
     out = torch.full((batch, n), -math.inf, dtype=dtype, device=q.device)
     rows, cols = tile_sizes(batch, n, m_cols, tile_elements)
+    tiles = _ScoreTiles(q, k, scale, rows, cols, col_offset=col_offset)
     for i0 in range(0, n, rows):
         i1 = min(i0 + rows, n)
         for j0 in range(0, m_cols, cols):
             j1 = min(j0 + cols, m_cols)
-            s = _scores(q[:, i0:i1], k[:, j0:j1], scale, None if col_offset is None else col_offset[:, j0:j1])
-            out[:, i0:i1] = torch.logaddexp(out[:, i0:i1], torch.logsumexp(s, dim=-1))
+            out[:, i0:i1] = torch.logaddexp(out[:, i0:i1], _tile_logsumexp(tiles(i0, i1, j0, j1)))
     return unflat(out, groups)
+
+
+def _square_tile(batch, n, tile_elements):
+    """Edge of the square tiles of the one-pass symmetric products."""
+    tile_elements = tile_elements or TILE_ELEMENTS
+    tile = max(1, int(math.isqrt(max(tile_elements // max(batch, 1), 1))))
+    return min(max(tile, 64), max(n, 1))
 
 
 def _symmetric_logsumexp(q, scale, tile_elements):
@@ -132,16 +174,16 @@ def _symmetric_logsumexp(q, scale, tile_elements):
     q = flat(q).to(dtype)
     batch, n, _ = q.shape
     out = torch.full((batch, n), -math.inf, dtype=dtype, device=q.device)
-    tile_elements = tile_elements or TILE_ELEMENTS
-    tile = min(max(int(math.isqrt(max(tile_elements // max(batch, 1), 1))), 64), max(n, 1))
+    edge = _square_tile(batch, n, tile_elements)
+    tiles = _ScoreTiles(q, q, scale, edge, edge)
     tiny = torch.finfo(dtype).tiny
-    for i0 in range(0, n, tile):
-        i1 = min(i0 + tile, n)
-        for j0 in range(i0, n, tile):
-            j1 = min(j0 + tile, n)
-            s = _scores(q[:, i0:i1], q[:, j0:j1], scale, None)
+    for i0 in range(0, n, edge):
+        i1 = min(i0 + edge, n)
+        for j0 in range(i0, n, edge):
+            j1 = min(j0 + edge, n)
+            s = tiles(i0, i1, j0, j1)
             row_max = s.amax(-1)                                   # (B, bi)
-            p = (s - row_max[..., None]).exp_()
+            p = s.sub_(row_max[..., None]).exp_()
             out[:, i0:i1] = torch.logaddexp(out[:, i0:i1], row_max + p.sum(-1).log())
             if j0 == i0:
                 continue  # the diagonal tile's columns are its own rows
@@ -151,7 +193,9 @@ def _symmetric_logsumexp(q, scale, tile_elements):
             col_lse = col_sum.log().add_(tile_max)
             lost = col_sum < tiny
             if bool(lost.any()):
-                col_lse = torch.where(lost, torch.logsumexp(s, dim=1), col_lse)
+                # Rare (scores spread > ~87 in one tile): recompute this tile's scores exactly.
+                exact = torch.logsumexp(torch.bmm(tiles.lhs[:, i0:i1], tiles.rhs[:, j0:j1].transpose(1, 2)), dim=1)
+                col_lse = torch.where(lost, exact, col_lse)
             out[:, j0:j1] = torch.logaddexp(out[:, j0:j1], col_lse)
     return unflat(out, groups)
 
@@ -173,24 +217,28 @@ def symmetric_matmul(q, k, x, *, scale, offset=None, head_weights=None,
     symmetric_scores = _same_tensor(q, k)
     q, k, x, offset = flat(q).to(dtype), flat(k).to(dtype), flat(x).to(dtype), _cast(flat(offset), dtype)
     batch, n, _ = q.shape
-    y = torch.zeros(batch, n, x.shape[2], dtype=dtype, device=q.device)
-    tile_elements = tile_elements or TILE_ELEMENTS
-    tile = max(1, int(math.isqrt(max(tile_elements // max(batch, 1), 1))))
-    tile = min(max(tile, 64), max(n, 1))
-    for i0 in range(0, n, tile):
-        i1 = min(i0 + tile, n)
-        for j0 in range(i0 if symmetric_scores else 0, n, tile):
-            j1 = min(j0 + tile, n)
-            s = _scores(q[:, i0:i1], k[:, j0:j1], scale, None if offset is None else offset[:, j0:j1])
-            if offset is not None:
-                s.sub_(offset[:, i0:i1, None])
-            p = s.exp_()
-            # bmm into a fresh tensor then add: baddbmm_ into a strided slice of y falls back
-            # to one gemm per batch entry on CPU.
-            y[:, i0:i1] += torch.bmm(p, x[:, j0:j1])
+    width = x.shape[2]
+    y = torch.empty(batch, n, width, dtype=dtype, device=q.device)
+    # Column contributions Eᵀ·X accumulate transposed, (B, m, N): xᵢᵀ·p is a plain bmm,
+    # while pᵀ·xᵢ (a transposed tile operand) runs about twice slower on CPU.
+    y_cols = torch.zeros(batch, width, n, dtype=dtype, device=q.device)
+    edge = _square_tile(batch, n, tile_elements)
+    tiles = _ScoreTiles(q, k, scale, edge, edge, offset, offset)
+    col_part = _Buffer(batch, width, edge, dtype, q.device)
+    for i0 in range(0, n, edge):
+        i1 = min(i0 + edge, n)
+        acc = torch.zeros(batch, i1 - i0, width, dtype=dtype, device=q.device)
+        x_rows_t = x[:, i0:i1].transpose(1, 2)
+        for j0 in range(i0 if symmetric_scores else 0, n, edge):
+            j1 = min(j0 + edge, n)
+            p = tiles(i0, i1, j0, j1).exp_()
+            acc.baddbmm_(p, x[:, j0:j1])
             if symmetric_scores and j0 == i0:
                 continue  # diagonal tile of a symmetric S: Eᵀ·X equals E·X here
-            y[:, j0:j1] += torch.bmm(p.transpose(1, 2), x[:, i0:i1])
+            part = col_part.view(batch, width, j1 - j0)
+            y_cols[:, :, j0:j1] += torch.bmm(x_rows_t, p, out=part)
+        y[:, i0:i1] = acc
+    y += y_cols.transpose(1, 2)
     if not symmetric_scores:
         y.mul_(0.5)
     return reduce_heads(unflat(y, groups), head_weights)
@@ -207,20 +255,20 @@ def matmul_pair(q, k, x, w, *, scale, row_offset=None, col_offset=None, tile_ele
     q, k, x, w = flat(q).to(dtype), flat(k).to(dtype), flat(x).to(dtype), flat(w).to(dtype)
     row_offset, col_offset = _cast(flat(row_offset), dtype), _cast(flat(col_offset), dtype)
     batch, n, _ = q.shape
-    m_cols = k.shape[1]
-    y = torch.zeros(batch, n, x.shape[2], dtype=dtype, device=q.device)
-    yt = torch.zeros(batch, m_cols, w.shape[2], dtype=dtype, device=q.device)
+    m_cols, w_width = k.shape[1], w.shape[2]
+    y = torch.empty(batch, n, x.shape[2], dtype=dtype, device=q.device)
+    yt_t = torch.zeros(batch, w_width, m_cols, dtype=dtype, device=q.device)  # (Eᵀ·W)ᵀ, see symmetric_matmul
     rows, cols = tile_sizes(batch, n, m_cols, tile_elements)
+    tiles = _ScoreTiles(q, k, scale, rows, cols, row_offset, col_offset)
+    col_part = _Buffer(batch, w_width, cols, dtype, q.device)
     for i0 in range(0, n, rows):
         i1 = min(i0 + rows, n)
         acc = torch.zeros(batch, i1 - i0, x.shape[2], dtype=dtype, device=q.device)
+        w_rows_t = w[:, i0:i1].transpose(1, 2)
         for j0 in range(0, m_cols, cols):
             j1 = min(j0 + cols, m_cols)
-            s = _scores(q[:, i0:i1], k[:, j0:j1], scale, None if col_offset is None else col_offset[:, j0:j1])
-            if row_offset is not None:
-                s.sub_(row_offset[:, i0:i1, None])
-            p = s.exp_()
+            p = tiles(i0, i1, j0, j1).exp_()
             acc.baddbmm_(p, x[:, j0:j1])
-            yt[:, j0:j1] += torch.bmm(p.transpose(1, 2), w[:, i0:i1])
+            yt_t[:, :, j0:j1] += torch.bmm(w_rows_t, p, out=col_part.view(batch, w_width, j1 - j0))
         y[:, i0:i1] = acc
-    return unflat(y, groups), unflat(yt, groups)
+    return unflat(y, groups), unflat(yt_t.transpose(1, 2).contiguous(), groups)
