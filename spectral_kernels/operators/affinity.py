@@ -14,13 +14,14 @@ on first use and cached.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._validation import check_positive, check_same_device, check_tensor
+from .._validation import check_positive, check_same_device, check_tensor, finite_checks
 from ..ops import affinity_logsumexp, affinity_matmul, affinity_symmetric_matmul
 from ..ops._common import resolve_scale
 from ..ops._layout import compute_dtype
@@ -89,6 +90,19 @@ def _head_weights(head_weights, heads: int, dtype, device) -> Tensor:
     return head_weights / total
 
 
+def _inputs_scanned(method):
+    """Run a method's primitive calls without their NaN/Inf scans of q, k and x.
+
+    q and k were scanned once at construction and x by ``matmul()``; re-scanning the
+    (N, d) features on every product costs a pass (and a sync on a GPU) each time.
+    """
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with finite_checks(False):
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class KQAffinity(AffinityOperator):
     """The attention graph of one layer, exp(τ·q kᵀ) per head, normalised and head-averaged.
 
@@ -134,12 +148,14 @@ class KQAffinity(AffinityOperator):
         return self.q is self.k
 
     # ------------------------------------------------------------------ cached statistics
+    @_inputs_scanned
     def row_lse(self) -> Tensor:
         """r (H, N): r_i = log Σ_j exp(S_ij), the log row sums (log out-degrees) of A."""
         if self._row_lse is None:
             self._row_lse = affinity_logsumexp(self.q, self.k, scale=self.scale, backend=self.backend).to(self.dtype)
         return self._row_lse
 
+    @_inputs_scanned
     def col_lse(self) -> Tensor:
         """c (H, N): c_j = log Σ_i exp(S_ij), the log column sums of A."""
         if self.scores_symmetric:
@@ -158,6 +174,7 @@ class KQAffinity(AffinityOperator):
         return self._sym_offset
 
     # ------------------------------------------------------------------ products
+    @_inputs_scanned
     def _matmul(self, x):
         common = dict(scale=self.scale, head_weights=self.head_weights, backend=self.backend)
         if self.normalize == "sym":
@@ -168,6 +185,7 @@ class KQAffinity(AffinityOperator):
             return affinity_symmetric_matmul(self.q, self.q, x, **common)
         return affinity_matmul(self.q, self.k, x, **common)
 
+    @_inputs_scanned
     def _adjoint_matmul(self, x):
         if self.is_symmetric:
             return self._matmul(x)
@@ -177,6 +195,7 @@ class KQAffinity(AffinityOperator):
             return affinity_matmul(self.k, self.q, x, col_offset=self.row_lse(), **common)
         return affinity_matmul(self.k, self.q, x, **common)
 
+    @_inputs_scanned
     def fused_start(self, z):
         """(D^½·z, M·D^½·z) and the degrees, from one pass instead of two (single-head VV-type "sym").
 
