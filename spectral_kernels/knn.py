@@ -206,16 +206,19 @@ def _knn_candidates(q, k, image_ids, opts):
     n_total = opts.n_intra + opts.n_inter
     out_vals = torch.empty(n, n_total, dtype=dtype, device=device)
     out_cols = torch.empty(n, n_total, dtype=torch.long, device=device)
+    # One similarity buffer for every tile: a fresh 64 MiB tile per matmul costs page faults on
+    # CPU (large blocks go back to the OS) comparable to the matmul itself.
+    sim_buffer = torch.empty(min(opts.block_rows, n) * min(opts.block_cols, n), dtype=dtype, device=device)
     for r0 in range(0, n, opts.block_rows):
         r1 = min(r0 + opts.block_rows, n)
         intra, inter = _row_block(qn[r0:r1], kn, ids, orig, r0, r1,
-                                  int(zone_start[r0]), int(zone_end[r1 - 1]), opts)
+                                  int(zone_start[r0]), int(zone_end[r1 - 1]), opts, sim_buffer)
         out_vals[r0:r1, :opts.n_intra], out_cols[r0:r1, :opts.n_intra] = intra
         out_vals[r0:r1, opts.n_intra:], out_cols[r0:r1, opts.n_intra:] = inter
     return orig, out_cols, out_vals
 
 
-def _row_block(qb, kn, ids, orig, r0, r1, z0, z1, opts):
+def _row_block(qb, kn, ids, orig, r0, r1, z0, z1, opts, sim_buffer):
     """Top-k intra and inter lists for grouped rows [r0, r1); same-image columns are [z0, z1).
 
     Every column tile feeds one top-k for the inter list; only the part of a tile that
@@ -227,7 +230,7 @@ def _row_block(qb, kn, ids, orig, r0, r1, z0, z1, opts):
     start, stop = (0, kn.shape[0]) if opts.n_inter else (z0, z1)
     for c0 in range(start, stop, opts.block_cols):
         c1 = min(c0 + opts.block_cols, stop)
-        sim = qb @ kn[c0:c1].T
+        sim = torch.mm(qb, kn[c0:c1].T, out=sim_buffer[:b * (c1 - c0)].view(b, c1 - c0))
         lo, hi = max(c0, z0), min(c1, z1)
         if lo < hi:
             zone = sim[:, lo - c0:hi - c0]
@@ -287,7 +290,7 @@ def tile_topk(sim, cols, kk, threshold):
     """
     b, t = sim.shape
     if t <= kk:
-        return sim, cols.expand(b, t)
+        return sim.clone(), cols.expand(b, t)  # a copy: the caller may reuse sim's storage
     top_vals, top_idx = sim.topk(kk + 1, dim=1)
     tied = (top_vals[:, kk - 1] == top_vals[:, kk]) & (top_vals[:, kk - 1] > threshold)
     top_vals, top_cols = top_vals[:, :kk], cols[top_idx[:, :kk]]
