@@ -12,34 +12,10 @@ PYTHON="${PYTHON:-python3}"
 LOG_DIR="${OUT:-$(mktemp -d)}"
 mkdir -p "$LOG_DIR"
 export PYTHONUNBUFFERED=1
-failed=()
+source bench/_steps.sh
+environment
 
-step() {  # step NAME TIMEOUT_S COMMAND...
-    local name=$1 limit=$2
-    shift 2
-    echo "=== ${name}: $*"
-    local start=$SECONDS
-    timeout --signal=INT --kill-after=20 "$limit" "$@" 2>&1 | tee "$LOG_DIR/$name.log"
-    local rc=${PIPESTATUS[0]}
-    if [ "$rc" -eq 0 ]; then
-        echo "=== ${name}: ok ($((SECONDS - start)) s)"
-    else
-        echo "=== ${name}: FAILED with exit code $rc ($((SECONDS - start)) s); continuing"
-        failed+=("$name")
-    fi
-}
-
-{
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
-    "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1
-    command -v nvcc >/dev/null && nvcc --version | tail -n 1
-} | tee "$LOG_DIR/environment.log"
-
-step install "${INSTALL_TIMEOUT:-300}" "$PYTHON" -m pip install -e . --no-deps --no-build-isolation
-# Whatever pip managed, import the package from this checkout.
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-"$PYTHON" -c "from spectral_kernels.ops import available_backends as a; print('backends:', a())" 2>&1 \
-    | tee -a "$LOG_DIR/environment.log"
+install_here "${INSTALL_TIMEOUT:-300}"
 
 # no -x: one failing GPU test must not hide the results of the others
 step gpu_tests "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest tests -m gpu -q
@@ -52,9 +28,4 @@ parallel=()
 SPECTRAL_KERNELS_TRITON_AUTOTUNE=0 step triton_tests "${TRITON_TEST_TIMEOUT:-240}" \
     "$PYTHON" -m pytest tests/test_triton_backend.py -q "${parallel[@]}"
 
-if [ ${#failed[@]} -eq 0 ]; then
-    echo "=== all steps passed; logs in $LOG_DIR"
-else
-    echo "=== failed steps: ${failed[*]}; logs in $LOG_DIR"
-    exit 1
-fi
+finish
