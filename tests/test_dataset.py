@@ -423,3 +423,23 @@ def test_head_selection(rng, tmp_path):
     assert all(r["a"].shape[0] == 1 for r in record.values())
     with pytest.raises(ValueError, match="heads"):
         analyze_dataset(random_images(rng, 3), out_dir=tmp_path / "bad", model=PatchModel(rng), heads=[5], **SMALL)
+
+
+def test_bench_image_folder_gives_distinct_readable_images(tmp_path):
+    """bench/make_image_folder.py (the 1 000-image GPU run's input): seeded, distinct, loadable."""
+    import importlib.util
+
+    from spectral_kernels.images import load_image
+
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "make_image_folder.py")
+    spec = importlib.util.spec_from_file_location("make_image_folder", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for folder in ("a", "b"):
+        module.main([str(tmp_path / folder), "--count", "5", "--size", "28", "--seed", "3"])
+    names = sorted(os.listdir(tmp_path / "a"))
+    assert len(names) == 5 and names == sorted(os.listdir(tmp_path / "b"))
+    images = [load_image(tmp_path / "a" / name) for name in names]
+    assert all(image.shape == (3, 28, 28) for image in images)
+    assert all(torch.equal(image, load_image(tmp_path / "b" / name)) for image, name in zip(images, names))
+    assert len({image.sum().item() for image in images}) == 5
