@@ -85,53 +85,84 @@ def run_ncut(x, sigma, k):
     return vals, vecs, time.perf_counter() - t0
 
 
-def run_eigsh(x, sigma, k, tol, block_size):
+def run_eigsh(x, sigma, k, tol, block_size, init="auto"):
     t0 = time.perf_counter()
     op = VVAffinity(x, temperature=sigma ** 2)
-    vals, vecs, info = eigsh(op, k, tol=tol, block_size=block_size, return_info=True)
+    vals, vecs, info = eigsh(op, k, tol=tol, block_size=block_size, init=init, return_info=True)
     return vals, vecs, time.perf_counter() - t0, info
 
 
-def warm_up(device="cpu"):
-    """One tiny solve first: backend discovery imports triton (seconds, once per process)."""
+def warm_up(device="cpu", ncut=False):
+    """Small solves first, so that no method's time includes one-off costs: backend discovery
+    imports triton (seconds, once per process); the Nyström start's code paths; ncut-pytorch's
+    import and first call."""
     eigsh(VVAffinity(torch.randn(64, 8, device=device)), 2)
+    eigsh(VVAffinity(torch.randn(3000, 8, device=device)), 4, init="nystrom", tol=1e-3)
+    if ncut:
+        run_ncut(torch.randn(3000, 8), 1.0, 4)
+
+
+def median_runs(methods, repeat):
+    """Each method's run with the median time of ``repeat`` runs, and all its times.
+
+    Runs are interleaved (round r runs every method once) so that a machine whose speed
+    drifts (a shared VM) affects every method alike. A run returns a tuple with its time third.
+    """
+    runs = {name: [] for name in methods}
+    for _ in range(repeat):
+        for name, run in methods.items():
+            runs[name].append(run())
+    result = {}
+    for name, done in runs.items():
+        times = [r[2] for r in done]
+        result[name] = (sorted(done, key=lambda r: r[2])[repeat // 2], times)
+    return result
 
 
 def cpu_bench(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    warm_up()
+    warm_up(ncut="ncut" not in args.skip)
     x = clustered_features(args.n, args.d, args.clusters, args.seed)
     sigma = median_distance(x)
     print(f"N = {args.n}, d = {args.d}, k = {args.k}, σ = {sigma:.4f} (temperature σ² = {sigma ** 2:.4f}), "
           f"threads = {torch.get_num_threads()}")
     results = {"n": args.n, "d": args.d, "k": args.k, "sigma": sigma, "methods": {}}
+    methods = {}
+    if "ncut" not in args.skip:
+        methods["ncut-pytorch 3.2 (Nyström)"] = lambda: run_ncut(x, sigma, args.k)
+    if "eigsh" not in args.skip:
+        for init in args.init:
+            for tol in args.tol:
+                methods[f"spectral_kernels.eigsh tol={tol:g} init={init}"] = (
+                    lambda tol=tol, init=init: run_eigsh(x, sigma, args.k, tol, args.block_size, init))
+    rows = []
+    for name, (run, times) in median_runs(methods, args.repeat).items():
+        vals, vecs, elapsed = run[:3]
+        extra = {}
+        if len(run) > 3:
+            info = run[3]
+            extra = {"start": info.init, "iterations": info.n_iter, "operator_calls": info.n_calls,
+                     "columns": info.n_columns, "max_residual": float(info.residuals.max())}
+        rows.append((name, vals, vecs, elapsed, times, extra))
+    # The dense reference last: its float64 N×N matrix (3.2 GB at N = 20 000) must not leave
+    # the timed methods a disturbed machine (we saw later runs slow down by up to 40 %).
     ref = None
     if "scipy" not in args.skip:
         vals, vecs, elapsed, t_build = run_scipy(x, sigma, args.k)
         ref = (vals, vecs)
         results["methods"]["scipy_dense"] = {"seconds": elapsed, "build_seconds": t_build}
         print(f"scipy eigsh on dense float64 M: {elapsed:.2f} s (of which building M {t_build:.2f} s)")
-    rows = []
-    if "ncut" not in args.skip:
-        vals, vecs, elapsed = run_ncut(x, sigma, args.k)
-        rows.append(("ncut-pytorch 3.2 (Nyström)", vals, vecs, elapsed, {}))
-    if "eigsh" not in args.skip:
-        for tol in args.tol:
-            vals, vecs, elapsed, info = run_eigsh(x, sigma, args.k, tol, args.block_size)
-            extra = {"tol": tol, "iterations": info.n_iter, "operator_calls": info.n_calls,
-                     "columns": info.n_columns, "max_residual": float(info.residuals.max())}
-            rows.append((f"spectral_kernels.eigsh tol={tol:g}", vals, vecs, elapsed, extra))
-    for name, vals, vecs, elapsed, extra in rows:
-        entry = {"seconds": elapsed, **extra}
-        line = f"{name}: {elapsed:.2f} s"
+    for name, vals, vecs, elapsed, times, extra in rows:
+        entry = {"seconds": elapsed, "all_seconds": times, **extra}
+        line = f"{name}: {elapsed:.2f} s (median of {', '.join(f'{t:.2f}' for t in times)})"
         if ref is not None:
             entry["min_principal_cosine"] = min_principal_cosine(ref[1], vecs)
             entry["max_eigenvalue_rel_error"] = float(((vals.double() - ref[0]) / ref[0]).abs().max())
             line += (f", min principal cosine {entry['min_principal_cosine']:.6f}, "
                      f"eigenvalue rel. error {entry['max_eigenvalue_rel_error']:.2e}")
         if extra:
-            line += f"  ({', '.join(f'{k}={v}' for k, v in extra.items() if k != 'tol')})"
+            line += f"  ({', '.join(f'{k}={v}' for k, v in extra.items())})"
         print(line)
         results["methods"][name] = entry
     return results
@@ -180,6 +211,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tol", type=float, nargs="+", default=[1e-4])
     p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--init", nargs="+", default=["auto"], choices=["auto", "random", "nystrom"],
+                   help="eigsh start(s) to time")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per method, interleaved (the median is reported)")
     p.add_argument("--skip", nargs="*", default=[], choices=["scipy", "ncut", "eigsh"])
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--gpu", action="store_true")

@@ -111,6 +111,70 @@ def test_spread_norms_take_the_separate_degree_pass(rng):
     assert float((vals.double() - ref_vals).abs().max()) < 1e-5
 
 
+def nystrom_everywhere(monkeypatch, sample=300):
+    """Nyström starts at test sizes: a small sample, and "auto" choosing it from 1 000 tokens."""
+    import importlib
+    eigsh_module = importlib.import_module("spectral_kernels.eigsh")  # the package attribute is the function
+    monkeypatch.setattr(eigsh_module, "nystrom_sample_size", lambda n: min(sample, n - 1))
+    monkeypatch.setattr(eigsh_module, "NYSTROM_MIN_N", 1000)
+
+
+def test_nystrom_start_is_exact_and_reproducible(rng, monkeypatch):
+    nystrom_everywhere(monkeypatch)
+    x = clustered(rng, 1500, d=16)
+    t = 0.25
+    u = F.normalize(x.double(), dim=-1)
+    ref_vals, ref_vecs = top_eigh(ncut_dense(u, u, 1 / t), 10)
+    runs = []
+    for _ in range(2):
+        vals, vecs, info = eigsh(VVAffinity(x, temperature=t), 10, return_info=True,
+                                 generator=torch.Generator().manual_seed(5))
+        assert info.init == "nystrom" and info.converged
+        assert_matches(vals, vecs, ref_vals, ref_vecs)
+        runs.append((vals, vecs))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    # the random start reaches the same pairs; "auto" below N_MIN and other graphs stay random
+    vals, vecs, info = eigsh(VVAffinity(x, temperature=t), 10, init="random", return_info=True)
+    assert info.init == "random"
+    assert_matches(vals, vecs, ref_vals, ref_vecs)
+    assert eigsh(VVAffinity(x[:900], temperature=t), 4, return_info=True)[2].init == "random"
+    q = clustered(rng, 1200, d=8)
+    assert eigsh(KQAffinity(q, q + 0.1), 4, return_info=True)[2].init == "random"
+    assert eigsh(VVAffinity(x, temperature=t), 4, x0=torch.randn(1500, 2), return_info=True)[2].init == "x0"
+
+
+def test_nystrom_start_on_duplicated_tokens_and_cached_degrees(rng, monkeypatch):
+    """Three distinct tokens repeated (an extension of rank 3 < k: the start may fall back to
+    random) still give eigenpairs; with degrees already cached there is no fused first pass
+    and the start is random."""
+    nystrom_everywhere(monkeypatch)
+    x = torch.randn(3, 6, generator=rng)[torch.randint(0, 3, (1200,), generator=rng)]
+    u = F.normalize(x.double(), dim=-1)
+    m = ncut_dense(u, u, 2.0)
+    for cached in (False, True):
+        op = VVAffinity(x, temperature=0.5)
+        if cached:
+            op.row_lse()
+        vals, vecs, info = eigsh(op, 5, tol=1e-5, return_info=True)
+        if cached:
+            assert info.init == "random"
+        v = vecs.double()
+        assert float((m @ v - v * vals.double()).abs().max()) < 1e-4
+        assert float((v.T @ v - torch.eye(5, dtype=torch.float64)).abs().max()) < 1e-5
+
+
+def test_nystrom_start_argument_errors(rng):
+    x = clustered(rng, 400, d=8)
+    with pytest.raises(ValueError, match="init must be one of"):
+        eigsh(VVAffinity(x), 3, init="landmarks")
+    with pytest.raises(ValueError, match="init='nystrom' needs"):
+        eigsh(KQAffinity(x, x + 0.1), 3, init="nystrom")
+    with pytest.raises(ValueError, match="init='nystrom' needs"):
+        eigsh(VVAffinity(x), 3, init="nystrom", exclude_trivial=True)
+    with pytest.raises(ValueError, match="init='nystrom' and x0"):
+        eigsh(VVAffinity(x), 3, init="nystrom", x0=torch.randn(400, 1))
+
+
 def test_kq_heads_with_weights(rng):
     n, heads, d = 600, 3, 16
     q = clustered(rng, heads * n, d).reshape(heads, n, d)

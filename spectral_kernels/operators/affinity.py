@@ -195,6 +195,31 @@ class KQAffinity(AffinityOperator):
             return affinity_matmul(self.k, self.q, x, col_offset=self.row_lse(), **common)
         return affinity_matmul(self.k, self.q, x, **common)
 
+    def can_subsample(self) -> bool:
+        """One head, "sym", q is k, τ > 0: the graphs with fused_start and a Nyström start."""
+        return self.normalize == "sym" and self.scores_symmetric and self.n_heads == 1 and self.scale > 0
+
+    def subsample(self, index):
+        """This graph on the tokens ``index`` (single-head "sym" with q is k only)."""
+        if not self.can_subsample():
+            raise ValueError(f"only a single-head normalize='sym' graph with q = k can be subsampled, not {self!r}")
+        q = self.q[:, index]
+        return KQAffinity(q, q, normalize="sym", scale=self.scale, backend=self.backend)
+
+    @_inputs_scanned
+    def extend_from_sample(self, index, sample, vectors):
+        """Nyström extension of the sample graph's eigenvectors u_s to every token.
+
+        The random-walk eigenvectors φ_s = D_s^-½ u_s of the sample extend as
+        φ(i) = Σ_{j∈s} W_ij φ_s(j) / Σ_{j∈s} W_ij (up to 1/λ, which rescales a column and
+        so leaves the spanned start unchanged): one softmax-row product of all tokens
+        against the sample. ``fused_start`` turns φ into D^½ φ, the extended u.
+        """
+        r = sample.row_lse()[0]
+        phi = vectors.to(self.dtype) * torch.exp(-0.5 * (r - r.max()))[:, None]
+        return affinity_matmul(self.q[0], self.q[0, index], phi, normalize="row", scale=self.scale,
+                               backend=self.backend)
+
     @_inputs_scanned
     def fused_start(self, z):
         """(D^½·z, M·D^½·z) and the degrees, from one pass instead of two (single-head VV-type "sym").
@@ -207,8 +232,7 @@ class KQAffinity(AffinityOperator):
         is invariant to the common factor e^{−2a}). The degrees are cached as the row LSE, so
         later products need no separate degree pass. None when not applicable.
         """
-        if (self.normalize != "sym" or not self.scores_symmetric or self.n_heads != 1
-                or self.scale <= 0 or self._row_lse is not None):
+        if not self.can_subsample() or self._row_lse is not None:
             return None
         half_norms = 0.5 * self.scale * self.q[0].double().pow(2).sum(-1)   # τ|q_i|²/2, (N,)
         top = float(half_norms.max())

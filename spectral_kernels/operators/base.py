@@ -118,6 +118,19 @@ class AffinityOperator:
         """Unit-norm eigenvector known in closed form (NCut: ∝ sqrt(degrees)), or None."""
         return None
 
+    def can_subsample(self) -> bool:
+        """True when ``subsample`` and ``extend_from_sample`` exist (eigsh's Nyström start)."""
+        return False
+
+    def subsample(self, index: Tensor) -> "AffinityOperator":
+        """The same graph on the tokens ``index`` only (where ``can_subsample()``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be subsampled")
+
+    def extend_from_sample(self, index: Tensor, sample: "AffinityOperator", vectors: Tensor) -> Tensor:
+        """Eigenvectors of ``sample = self.subsample(index)`` extended to every token, as the
+        block z that ``fused_start`` turns into a start (where ``can_subsample()``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no Nyström extension")
+
     def fused_start(self, z: Tensor) -> tuple[Tensor, Tensor] | None:
         """(X0, op·X0) for a start block X0 derived from z (N, m), or None.
 
