@@ -604,3 +604,31 @@ def test_gpu_large_extreme_scale(rng, monkeypatch):
     y_ref = affinity_symmetric_matmul(v, v, x, scale=1e4, offset=0.5 * r, backend="torch")
     assert torch.isfinite(y).all() and y_ref.abs().max() > 0.1
     assert _err(y, y_ref) < 1e-2
+
+
+def test_eigsh_nystrom_start_through_the_kernels(rng, monkeypatch):
+    """eigsh's fused degree pass and Nyström extension run on the Triton kernels (symmetric
+    product with a constant offset; row softmax of all tokens against a sample)."""
+    import importlib
+
+    import torch.nn.functional as F
+
+    from spectral_kernels.eigsh import eigsh
+    from spectral_kernels.operators import VVAffinity
+
+    eigsh_module = importlib.import_module("spectral_kernels.eigsh")
+    monkeypatch.setattr(eigsh_module, "nystrom_sample_size", lambda n: 40)
+    centers = torch.randn(4, 6, generator=rng, dtype=torch.float64)
+    x = (centers[torch.randint(0, 4, (120,), generator=rng)]
+         + 0.3 * torch.randn(120, 6, generator=rng, dtype=torch.float64)).float().to(DEVICE)
+    vals, vecs, info = eigsh(VVAffinity(x, temperature=0.3, backend="triton"), 3, tol=1e-5,
+                             init="nystrom", return_info=True)
+    assert info.init == "nystrom"
+    u = F.normalize(x.double().cpu(), dim=-1)
+    a = torch.exp(u @ u.T / 0.3)
+    d = a.sum(1)
+    ref_vals, ref_vecs = torch.linalg.eigh(a / torch.sqrt(d[:, None] * d[None, :]))
+    ref_vals, ref_vecs = ref_vals.flip(0)[:3], ref_vecs.flip(1)[:, :3]
+    assert float(((vals.double().cpu() - ref_vals) / ref_vals).abs().max()) < 1e-5
+    cosines = torch.linalg.svdvals(torch.linalg.qr(ref_vecs)[0].T @ torch.linalg.qr(vecs.double().cpu())[0])
+    assert float(cosines.min()) > 0.999
