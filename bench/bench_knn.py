@@ -164,6 +164,8 @@ def main(argv=None):
         print(f"graph @ X agreement (first 64 rows): relative difference {rel:.2e} "
               "(the official D⁻¹ adds 1e-6 after the reciprocal)")
         print(f"time ratio {ok[0]['method']}/{ok[1]['method']}: {ok[0]['seconds'] / ok[1]['seconds']:.2f}")
+    if len(ok) < len(results):
+        raise SystemExit(1)  # a failed measurement fails the script (gpu_all.sh reports the step)
 
 
 def test_bench_knn_small(benchmark):

@@ -167,6 +167,7 @@ def main():
         return worker(args)
 
     rows = {}
+    failures = 0
     for size in args.sizes.split(","):
         for method in args.methods.split(","):
             cmd = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps), "--backend",
@@ -178,6 +179,7 @@ def main():
                 print(out.stderr[-6000:])
             if out.returncode:
                 print(f"{size}/{method} failed:\n{out.stderr[-2000:]}")
+                failures += 1
                 continue
             rows[(size, method)] = json.loads(out.stdout.strip().splitlines()[-1])
             r = rows[(size, method)]
@@ -187,6 +189,8 @@ def main():
         if (size, "dense") in rows and (size, "solver") in rows:
             ratio = rows[(size, "dense")]["ms"] / max(rows[(size, "solver")]["ms"], 1e-9)
             print(f"{size:7s} dense/solver time ratio: {ratio:.2f}x  (device {args.device})")
+    if failures:
+        raise SystemExit(1)  # a failed measurement fails the script (gpu_all.sh reports the step)
 
 
 if __name__ == "__main__":
