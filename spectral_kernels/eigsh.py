@@ -335,8 +335,8 @@ def _resolve_init(init, op, deflate, algebra, width) -> str:
     possible = (isinstance(algebra, LocalRows) and deflate is None and nystrom_sample_size(n) > width
                 and op.can_subsample())
     if init == "nystrom" and not possible:
-        raise ValueError(f"init='nystrom' needs a single-head normalize='sym' graph with q = k (e.g. VVAffinity), "
-                         f"no exclude_trivial, and N well above the block size; got {op!r} with N = {n}")
+        raise ValueError(f"init='nystrom' needs a normalize='sym' KQAffinity/VVAffinity, no exclude_trivial, "
+                         f"and N well above the block size; got {op!r} with N = {n}")
     return "nystrom" if possible and (init == "nystrom" or (init == "auto" and n >= NYSTROM_MIN_N)) else "random"
 
 
@@ -431,11 +431,16 @@ def _solve(problem: _Problem, start, *, progress=False, callback=None, return_in
         init = problem.init
         z = _nystrom_block(problem, start) if init == "nystrom" else _random_rows(problem, problem.width, start)
         fused = _fused_start_block(problem, apply, z)
-        if fused is None and init == "nystrom":
-            # degrees cached beforehand, or an extension of rank < k (e.g. duplicated tokens):
-            # a random start cannot be rank-deficient
-            init, z = "random", _random_rows(problem, problem.width, start)
-        X, AX = fused if fused is not None else (_initial_block(problem, None, start, z), None)
+        if fused is not None:
+            X, AX = fused
+        else:  # no fused pass: z is the start itself (a random block, or the extended u)
+            try:
+                X, AX = _initial_block(problem, None, start, z), None
+            except ValueError:
+                if init != "nystrom":
+                    raise
+                # an extension of rank < k (e.g. duplicated tokens): a random start is not
+                init, X, AX = "random", _initial_block(problem, None, start), None
         state = _first_state(problem, apply, X, AX)
     else:
         init = "x0"
@@ -500,10 +505,10 @@ def eigsh(op, k: int, *, tol: float = 1e-6, max_iter: int | None = None, x0: Ten
             j ≤ block size, remaining columns are random.
         init: the start without x0. "random"; "nystrom": the top eigenvectors of the graph on
             a random sample of N/10 tokens (2 000 to 8 192), solved loosely and extended to
-            every token — about half the passes over S for the same tol (single-head
-            normalize="sym" graphs with q = k, e.g. VVAffinity, without exclude_trivial);
-            "auto" (default): "nystrom" where possible from N = 5 000 tokens, else "random".
-            The result is exact to tol either way.
+            every token — about half the LOBPCG products for the same tol (normalize="sym"
+            KQAffinity/VVAffinity, without exclude_trivial); "auto" (default): "nystrom"
+            where possible from N = 5 000 tokens, else "random". The result is exact to tol
+            either way.
         block_size: columns per block (default k + max(8, k // 2)).
         exclude_trivial: deflate ``op.trivial_eigenvector()`` (the ∝ sqrt(d) eigenvector of
             a single-head NCut operator) and return the k eigenpairs after it.

@@ -195,30 +195,53 @@ class KQAffinity(AffinityOperator):
             return affinity_matmul(self.k, self.q, x, col_offset=self.row_lse(), **common)
         return affinity_matmul(self.k, self.q, x, **common)
 
+    # ------------------------------------------------------------------ eigsh's starts
     def can_subsample(self) -> bool:
-        """One head, "sym", q is k, τ > 0: the graphs with fused_start and a Nyström start."""
-        return self.normalize == "sym" and self.scores_symmetric and self.n_heads == 1 and self.scale > 0
+        """"sym" graphs (τ > 0) have a Nyström start in eigsh: ``subsample`` and
+        ``extend_from_sample``."""
+        return self.normalize == "sym" and self.scale > 0
 
     def subsample(self, index):
-        """This graph on the tokens ``index`` (single-head "sym" with q is k only)."""
+        """This graph (same heads, weights and τ) on the tokens ``index`` only."""
         if not self.can_subsample():
-            raise ValueError(f"only a single-head normalize='sym' graph with q = k can be subsampled, not {self!r}")
+            raise ValueError(f"only a normalize='sym' graph with τ > 0 can be subsampled, not {self!r}")
         q = self.q[:, index]
-        return KQAffinity(q, q, normalize="sym", scale=self.scale, backend=self.backend)
+        k = q if self.scores_symmetric else self.k[:, index]
+        return KQAffinity(q, k, normalize="sym", scale=self.scale, head_weights=self.head_weights,
+                          backend=self.backend)
+
+    def _fusable(self) -> bool:
+        """Whether ``fused_start`` applies: one head, q is k, degrees not known yet, and the
+        squared norms close enough for one constant offset (see fused_start)."""
+        if not (self.can_subsample() and self.scores_symmetric and self.n_heads == 1 and self._row_lse is None):
+            return False
+        half_norms = 0.5 * self.scale * self.q[0].double().pow(2).sum(-1)   # τ|q_i|²/2
+        return 2.0 * float(half_norms.max() - half_norms.min()) <= 40.0
 
     @_inputs_scanned
     def extend_from_sample(self, index, sample, vectors):
-        """Nyström extension of the sample graph's eigenvectors u_s to every token.
+        """Nyström extension of the sample graph's top eigenvectors u_s to every token.
 
-        The random-walk eigenvectors φ_s = D_s^-½ u_s of the sample extend as
-        φ(i) = Σ_{j∈s} W_ij φ_s(j) / Σ_{j∈s} W_ij (up to 1/λ, which rescales a column and
-        so leaves the spanned start unchanged): one softmax-row product of all tokens
-        against the sample. ``fused_start`` turns φ into D^½ φ, the extended u.
+        Where ``fused_start`` applies (its pass finds the degrees), the block returned is for
+        it: the random-walk eigenvectors φ_s = D_s^-½ u_s extend as φ(i) = Σ_{j∈s} W_ij φ_s(j)
+        / Σ_{j∈s} W_ij — one softmax-row product against the sample — and fused_start turns φ
+        into D^½ φ. Otherwise the block is the start itself, M[:, s]·u_s (the full graph's
+        columns of the sample tokens, with the full degrees): two products against the sample
+        (one when q is k). Either way up to 1/λ per column, which leaves the span unchanged.
         """
-        r = sample.row_lse()[0]
-        phi = vectors.to(self.dtype) * torch.exp(-0.5 * (r - r.max()))[:, None]
-        return affinity_matmul(self.q[0], self.q[0, index], phi, normalize="row", scale=self.scale,
-                               backend=self.backend)
+        if self._fusable():
+            r = sample.row_lse()[0]
+            phi = vectors.to(self.dtype) * torch.exp(-0.5 * (r - r.max()))[:, None]
+            return affinity_matmul(self.q[0], self.q[0, index], phi, normalize="row", scale=self.scale,
+                                   backend=self.backend)
+        a = self._offset()
+        common = dict(row_offset=a, col_offset=a[:, index], scale=self.scale, head_weights=self.head_weights,
+                      backend=self.backend)
+        v = vectors.to(self.dtype)
+        y = affinity_matmul(self.q, self.k[:, index], v, **common)
+        if not self.scores_symmetric:  # W = (A + Aᵀ)/2: the transposed columns too
+            y = 0.5 * (y + affinity_matmul(self.k, self.q[:, index], v, **common))
+        return y
 
     @_inputs_scanned
     def fused_start(self, z):
@@ -232,12 +255,9 @@ class KQAffinity(AffinityOperator):
         is invariant to the common factor e^{−2a}). The degrees are cached as the row LSE, so
         later products need no separate degree pass. None when not applicable.
         """
-        if not self.can_subsample() or self._row_lse is not None:
+        if not self._fusable():
             return None
-        half_norms = 0.5 * self.scale * self.q[0].double().pow(2).sum(-1)   # τ|q_i|²/2, (N,)
-        top = float(half_norms.max())
-        if 2.0 * (top - float(half_norms.min())) > 40.0:
-            return None  # diagonal terms could underflow: the two-pass path is exact everywhere
+        top = float(0.5 * self.scale * self.q[0].double().pow(2).sum(-1).max())
         ones = torch.ones(z.shape[0], 1, dtype=self.dtype, device=self.device)
         offset = torch.full((1, z.shape[0]), top, dtype=self.dtype, device=self.device)
         y = affinity_symmetric_matmul(self.q, self.q, torch.cat([ones, z.to(self.dtype)], 1), scale=self.scale,
