@@ -317,6 +317,21 @@ def test_import_does_not_initialise_cuda_or_import_triton():
     assert out[0] == "False"
 
 
+def test_eager_calls_skip_the_custom_op_machinery():
+    """Plain eager calls run the implementation directly: no torch._dynamo import (~1 s on
+    the first custom-op call) and no dispatch; autograd and torch.compile use the ops."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, spectral_kernels as sk; q = torch.randn(2, 30, 8); x = torch.randn(2, 30, 3); "
+            "sk.affinity_matmul(q, q, x, normalize='row'); sk.affinity_logsumexp(q, q); "
+            "sk.affinity_symmetric_matmul(q, q, x); sk.affinity_matmul_pair(q, q, x, x); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PATH": "", "TRITON_INTERPRET": "0"}).stdout.split()
+    assert out == ["False"]
+
+
 @pytest.mark.slow
 def test_blockwise_memory_stays_linear_at_60000_tokens():
     """N = M = 60 000, d = 8, m = 2: a dense product would need > 14 GB; we stay < 1.5 GB."""

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils import _python_dispatch
 
 from .._validation import check_finite, check_same_device, check_tensor
 from . import backends
@@ -48,9 +49,46 @@ def resolve_scale(scale, d):
     return float(scale)
 
 
+def broadcast_shapes(*shapes) -> tuple:
+    """torch.broadcast_shapes without its first-call import of torch._refs (~0.3 s); raises
+    RuntimeError when the shapes do not broadcast."""
+    if torch.compiler.is_compiling():
+        return tuple(torch.broadcast_shapes(*shapes))  # traceable; the loop below is not
+    rank = 0
+    for shape in shapes:
+        rank = max(rank, len(shape))
+    out = [1] * rank
+    for shape in shapes:
+        for i, size in enumerate(shape, start=rank - len(shape)):
+            if size != 1 and out[i] not in (1, size):
+                raise RuntimeError(f"shapes {shapes} do not broadcast")
+            if size != 1:
+                out[i] = size
+    return tuple(out)
+
+
+def call_op(op, impl, *args, grad_inputs=()):
+    """Run a custom op, or its plain implementation where torch needs nothing more.
+
+    The op (dispatcher, autograd, fake-tensor kernel) is needed under torch.compile, for
+    autograd through ``grad_inputs``, and for tensor subclasses, meta tensors, functorch
+    transforms or dispatch modes. Elsewhere the implementation is called directly: the
+    dispatch costs tens of µs a call, and the first custom-op call in a process imports
+    torch._dynamo (~1 s) — a visible share of a one-image CLI run.
+    """
+    if (torch.compiler.is_compiling() or _python_dispatch._get_current_dispatch_mode() is not None
+            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs))):
+        return op(*args)
+    for a in args:
+        if isinstance(a, Tensor) and (type(a) is not Tensor or a.is_meta
+                                      or torch._C._functorch.is_functorch_wrapped_tensor(a)):
+            return op(*args)
+    return impl(*args)
+
+
 def _broadcast_batch(name, shape, batch):
     try:
-        if torch.broadcast_shapes(shape, batch) != torch.Size(batch):
+        if broadcast_shapes(shape, batch) != tuple(batch):
             raise RuntimeError
     except RuntimeError:
         raise ValueError(f"{name} has batch dimensions {tuple(shape)} that do not broadcast to "
@@ -113,7 +151,7 @@ def _layout(q, k, x, scale, row_offset=None, col_offset=None, head_weights=None,
     if x is not None and x.shape[-2] != m_tokens:
         raise ValueError(f"x must have one row per key token: x has {x.shape[-2]} rows, k has {m_tokens}")
     try:
-        batch = tuple(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]))
+        batch = broadcast_shapes(q.shape[:-2], k.shape[:-2])
     except RuntimeError:
         raise ValueError(f"q and k batch dimensions do not broadcast: {tuple(q.shape[:-2])} vs {tuple(k.shape[:-2])}") from None
     scale = resolve_scale(scale, d)

@@ -18,15 +18,14 @@ from torch import Tensor
 
 from . import backends
 from ._common import (_check_backend, _check_normalize, _layout, _out_shape, _reject_data_gradients,
-                      _shape_key, _transposed_cotangent)
+                      _shape_key, _transposed_cotangent, call_op)
 from ._layout import compute_dtype
 
 __all__ = ["affinity_matmul", "affinity_logsumexp"]
 
 
 # --------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("spectral_kernels::affinity_matmul", mutates_args=())
-def _matmul_op(q: Tensor, k: Tensor, x: Tensor, scale: float, row_offset: Optional[Tensor],
+def _matmul_impl(q: Tensor, k: Tensor, x: Tensor, scale: float, row_offset: Optional[Tensor],
                col_offset: Optional[Tensor], normalize: str, head_weights: Optional[Tensor],
                backend: str) -> tuple[Tensor, Tensor]:
     g, h, n, _ = q.shape
@@ -39,6 +38,9 @@ def _matmul_op(q: Tensor, k: Tensor, x: Tensor, scale: float, row_offset: Option
     y, lse = module.matmul(q, k, x.expand(g, h, *x.shape[2:]), scale=scale, row_offset=row_offset,
                            col_offset=col_offset, normalize=normalize, head_weights=head_weights)
     return y.to(x.dtype), (lse.to(dtype) if lse is not None else y.new_empty(0, dtype=dtype))
+
+
+_matmul_op = torch.library.custom_op("spectral_kernels::affinity_matmul", _matmul_impl, mutates_args=())
 
 
 @_matmul_op.register_fake
@@ -72,14 +74,16 @@ def _matmul_backward(ctx, grad_y, grad_lse):
 _matmul_op.register_autograd(_matmul_backward, setup_context=_matmul_setup)
 
 
-@torch.library.custom_op("spectral_kernels::affinity_logsumexp", mutates_args=())
-def _logsumexp_op(q: Tensor, k: Tensor, scale: float, col_offset: Optional[Tensor], backend: str) -> Tensor:
+def _logsumexp_impl(q: Tensor, k: Tensor, scale: float, col_offset: Optional[Tensor], backend: str) -> Tensor:
     g, h, n, _ = q.shape
     dtype = compute_dtype(q, k)
     if n == 0 or k.shape[2] == 0:
         return torch.full((g, h, n), -math.inf, dtype=dtype, device=q.device)
     module = backends.resolve(backend, q.device, dtype, _shape_key(q, k, None))
     return module.logsumexp(q, k, scale=scale, col_offset=col_offset).to(dtype)
+
+
+_logsumexp_op = torch.library.custom_op("spectral_kernels::affinity_logsumexp", _logsumexp_impl, mutates_args=())
 
 
 @_logsumexp_op.register_fake
@@ -115,8 +119,8 @@ def affinity_matmul(q: Tensor, k: Tensor, x: Tensor, *, scale: float | None = No
         raise ValueError('return_lse=True needs normalize="row"')
     lay = _layout(q, k, x, scale, row_offset, col_offset, head_weights)
     _reject_data_gradients(q=q, k=k, row_offset=row_offset, col_offset=col_offset, head_weights=head_weights)
-    y, lse = _matmul_op(lay.q, lay.k, lay.x, lay.scale, lay.row_offset, lay.col_offset, normalize,
-                        lay.head_weights, backend)
+    y, lse = call_op(_matmul_op, _matmul_impl, lay.q, lay.k, lay.x, lay.scale, lay.row_offset, lay.col_offset,
+                     normalize, lay.head_weights, backend, grad_inputs=(lay.x,))
     y = y.reshape(*lay.out_batch, *y.shape[-2:])
     if return_lse:
         return y, lse.reshape(*lay.lse_batch, lse.shape[-1])
@@ -128,5 +132,5 @@ def affinity_logsumexp(q: Tensor, k: Tensor, *, scale: float | None = None,
     """r_i = log Σ_j exp(τ q_i·k_j − β_j), shape (..., N). Swap q and k for column sums."""
     _check_backend(backend)
     lay = _layout(q, k, None, scale, None, col_offset)
-    r = _logsumexp_op(lay.q, lay.k, lay.scale, lay.col_offset, backend)
+    r = call_op(_logsumexp_op, _logsumexp_impl, lay.q, lay.k, lay.scale, lay.col_offset, backend)
     return r.reshape(*lay.lse_batch, r.shape[-1])

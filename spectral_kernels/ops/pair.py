@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .._validation import check_tensor
 from . import backends
-from ._common import _check_backend, _layout, _reject_data_gradients, _shape_key
+from ._common import _check_backend, _layout, _reject_data_gradients, _shape_key, call_op
 from ._layout import compute_dtype
 
 __all__ = ["affinity_matmul_pair"]
@@ -25,8 +25,7 @@ def _pair_with_two_calls(module, q, k, x, w, scale, row_offset, col_offset):
     return y, yt
 
 
-@torch.library.custom_op("spectral_kernels::affinity_matmul_pair", mutates_args=())
-def _pair_op(q: Tensor, k: Tensor, x: Tensor, w: Tensor, scale: float, row_offset: Optional[Tensor],
+def _pair_impl(q: Tensor, k: Tensor, x: Tensor, w: Tensor, scale: float, row_offset: Optional[Tensor],
              col_offset: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
     g, h, n, _ = q.shape
     m_tokens = k.shape[2]
@@ -41,6 +40,9 @@ def _pair_op(q: Tensor, k: Tensor, x: Tensor, w: Tensor, scale: float, row_offse
     else:
         y, yt = _pair_with_two_calls(module, q, k, x4, w4, scale, row_offset, col_offset)
     return y.to(x.dtype), yt.to(w.dtype)
+
+
+_pair_op = torch.library.custom_op("spectral_kernels::affinity_matmul_pair", _pair_impl, mutates_args=())
 
 
 @_pair_op.register_fake
@@ -86,5 +88,6 @@ def affinity_matmul_pair(q: Tensor, k: Tensor, x: Tensor, w: Tensor, *, scale: f
     check_tensor("w", w, min_dim=2, finite=False)
     lay = _layout(q, k, x, scale, row_offset, col_offset, w=w)
     _reject_data_gradients(q=q, k=k, row_offset=row_offset, col_offset=col_offset)
-    y, yt = _pair_op(lay.q, lay.k, lay.x, lay.w, lay.scale, lay.row_offset, lay.col_offset, backend)
+    y, yt = call_op(_pair_op, _pair_impl, lay.q, lay.k, lay.x, lay.w, lay.scale, lay.row_offset, lay.col_offset,
+                    backend, grad_inputs=(lay.x, lay.w))
     return y.reshape(*lay.out_batch, *y.shape[-2:]), yt.reshape(*lay.out_batch, *yt.shape[-2:])

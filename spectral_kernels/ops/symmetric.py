@@ -9,14 +9,14 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._common import _check_backend, _layout, _out_shape, _reject_data_gradients, _shape_key, _transposed_cotangent
+from ._common import (_check_backend, _layout, _out_shape, _reject_data_gradients, _shape_key,
+                      _transposed_cotangent, call_op)
 from ._layout import compute_dtype
 
 __all__ = ["affinity_symmetric_matmul"]
 
 
-@torch.library.custom_op("spectral_kernels::affinity_symmetric_matmul", mutates_args=())
-def _symmetric_op(q: Tensor, k: Tensor, x: Tensor, scale: float, offset: Optional[Tensor],
+def _symmetric_impl(q: Tensor, k: Tensor, x: Tensor, scale: float, offset: Optional[Tensor],
                   head_weights: Optional[Tensor], backend: str) -> Tensor:
     g, h, n, _ = q.shape
     if n == 0 or x.shape[-1] == 0:
@@ -25,6 +25,10 @@ def _symmetric_op(q: Tensor, k: Tensor, x: Tensor, scale: float, offset: Optiona
     y = module.symmetric_matmul(q, k, x.expand(g, h, *x.shape[2:]), scale=scale, offset=offset,
                                 head_weights=head_weights)
     return y.to(x.dtype)
+
+
+_symmetric_op = torch.library.custom_op("spectral_kernels::affinity_symmetric_matmul", _symmetric_impl,
+                                        mutates_args=())
 
 
 @_symmetric_op.register_fake
@@ -63,5 +67,6 @@ def affinity_symmetric_matmul(q: Tensor, k: Tensor, x: Tensor, *, scale: float |
     lay = _layout(q, k, x, scale, offset, None, head_weights, square=True)
     _reject_data_gradients(q=q, k=k, offset=offset, head_weights=head_weights)
     k4 = lay.q if q is k else lay.k  # keep the shared-tensor identity visible to backends
-    y = _symmetric_op(lay.q, k4, lay.x, lay.scale, lay.row_offset, lay.head_weights, backend)
+    y = call_op(_symmetric_op, _symmetric_impl, lay.q, k4, lay.x, lay.scale, lay.row_offset, lay.head_weights,
+                backend, grad_inputs=(lay.x,))
     return y.reshape(*lay.out_batch, *y.shape[-2:])
