@@ -339,7 +339,9 @@ def _check_pair_offsets(rng, n, m_tokens, d, width, offset_flags):
         y_ref, yt_ref = _pair_ref(q, k, x, w, scale, a, b)
         assert y.dtype == yt.dtype == torch.float32
         assert y.shape == (2, 2, n, width) and yt.shape == (2, 2, m_tokens, width)
-        assert _err(y, y_ref) < 1e-5 and _err(yt, yt_ref) < 1e-5, (a is not None, b is not None)
+        # 3e-5: signed x/w make these sums cancel (errors relative to the largest entry);
+        # 1e-5 failed about once in a thousand random cases at d = 1
+        assert _err(y, y_ref) < 3e-5 and _err(yt, yt_ref) < 3e-5, (a is not None, b is not None)
 
 
 @pytest.mark.parametrize("n,m_tokens", [(32, 64), (64, 32)])

@@ -156,6 +156,12 @@ class KQAffinity(AffinityOperator):
         return self._row_lse
 
     @_inputs_scanned
+    def _row_and_col_lse(self) -> None:
+        """Both LSEs from one pass (q ≠ k), for the "sym" degrees that need both."""
+        r, c = affinity_logsumexp(self.q, self.k, scale=self.scale, return_col_lse=True, backend=self.backend)
+        self._row_lse, self._col_lse = r.to(self.dtype), c.to(self.dtype)
+
+    @_inputs_scanned
     def col_lse(self) -> Tensor:
         """c (H, N): c_j = log Σ_i exp(S_ij), the log column sums of A."""
         if self.scores_symmetric:
@@ -166,6 +172,8 @@ class KQAffinity(AffinityOperator):
 
     def log_degrees(self) -> Tensor:
         """log d (H, N) of W = (A + Aᵀ)/2: d_i = (e^{r_i} + e^{c_i})/2, computed in log space."""
+        if not self.scores_symmetric and self._row_lse is None and self._col_lse is None:
+            self._row_and_col_lse()
         return torch.logaddexp(self.row_lse(), self.col_lse()) - math.log(2.0)
 
     def _offset(self) -> Tensor:

@@ -91,6 +91,32 @@ def _(q, k, scale, col_offset, backend):
     return q.new_empty(q.shape[:3], dtype=compute_dtype(q, k))
 
 
+def _rows_cols_impl(q: Tensor, k: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    g, h, n, _ = q.shape
+    m_tokens = k.shape[2]
+    dtype = compute_dtype(q, k)
+    if n == 0 or m_tokens == 0:
+        return (torch.full((g, h, n), -math.inf, dtype=dtype, device=q.device),
+                torch.full((g, h, m_tokens), -math.inf, dtype=dtype, device=q.device))
+    module = backends.resolve(backend, q.device, dtype, _shape_key(q, k, None))
+    one_pass = getattr(module, "logsumexp_rows_and_cols", None)
+    if one_pass is not None:
+        r, c = one_pass(q, k, scale=scale)
+    else:  # backends without it: the column LSE is the row LSE with q and k swapped
+        r, c = module.logsumexp(q, k, scale=scale), module.logsumexp(k, q, scale=scale)
+    return r.to(dtype), c.to(dtype)
+
+
+_rows_cols_op = torch.library.custom_op("spectral_kernels::affinity_logsumexp_rows_cols", _rows_cols_impl,
+                                        mutates_args=())
+
+
+@_rows_cols_op.register_fake
+def _(q, k, scale, backend):
+    dtype = compute_dtype(q, k)
+    return q.new_empty(q.shape[:3], dtype=dtype), k.new_empty(k.shape[:3], dtype=dtype)
+
+
 # --------------------------------------------------------------------------- public API
 def affinity_matmul(q: Tensor, k: Tensor, x: Tensor, *, scale: float | None = None,
                     row_offset: Tensor | None = None, col_offset: Tensor | None = None,
@@ -128,9 +154,21 @@ def affinity_matmul(q: Tensor, k: Tensor, x: Tensor, *, scale: float | None = No
 
 
 def affinity_logsumexp(q: Tensor, k: Tensor, *, scale: float | None = None,
-                       col_offset: Tensor | None = None, backend: str = "auto") -> Tensor:
-    """r_i = log Σ_j exp(τ q_i·k_j − β_j), shape (..., N). Swap q and k for column sums."""
+                       col_offset: Tensor | None = None, return_col_lse: bool = False,
+                       backend: str = "auto"):
+    """r_i = log Σ_j exp(τ q_i·k_j − β_j), shape (..., N). Swap q and k for column sums.
+
+    With ``return_col_lse`` (and no col_offset) also c_j = log Σ_i exp(τ q_i·k_j), shape
+    (..., M), from the same pass where the backend can (torch; others run two passes):
+    returns (r, c).
+    """
     _check_backend(backend)
+    if return_col_lse and col_offset is not None:
+        raise ValueError("return_col_lse=True needs col_offset=None (the column sums of exp(S − β) "
+                         "are not what a column LSE means)")
     lay = _layout(q, k, None, scale, None, col_offset)
+    if return_col_lse:
+        r, c = call_op(_rows_cols_op, _rows_cols_impl, lay.q, lay.k, lay.scale, backend)
+        return r.reshape(*lay.lse_batch, r.shape[-1]), c.reshape(*lay.lse_batch, c.shape[-1])
     r = call_op(_logsumexp_op, _logsumexp_impl, lay.q, lay.k, lay.scale, lay.col_offset, backend)
     return r.reshape(*lay.lse_batch, r.shape[-1])

@@ -15,7 +15,7 @@ import torch
 
 from ._layout import compute_dtype as _compute_dtype, flat, reduce_heads, unflat
 
-__all__ = ["matmul", "logsumexp", "symmetric_matmul", "matmul_pair", "tile_sizes"]
+__all__ = ["matmul", "logsumexp", "logsumexp_rows_and_cols", "symmetric_matmul", "matmul_pair", "tile_sizes"]
 
 # Elements of one score tile across the whole batch. 2**22 fp32 = 16 MiB: big enough that
 # the per-tile Python overhead is negligible next to the matmul, small enough to stay in
@@ -160,14 +160,38 @@ def _square_tile(batch, n, tile_elements):
     return min(max(tile, 64), max(n, 1))
 
 
+def _tile_row_and_col_lse(tiles, i0, i1, j0, j1, cols=True):
+    """Row LSE of one score tile and (with ``cols``) its column LSE, from one exp per element.
+
+    Column sums reuse p = exp(s − m_r) reweighted by exp(m_r − M) ≤ 1 (M the tile's max); a
+    column whose reweighted sum comes near the bottom of the normal range (scores spread by
+    more than ~70 within the tile) is recomputed exactly from the scores, so any feature
+    scale stays correct.
+    """
+    s = tiles(i0, i1, j0, j1)
+    row_max = s.amax(-1)                                       # (B, bi)
+    p = s.sub_(row_max[..., None]).exp_()
+    row_lse = row_max + p.sum(-1).log()
+    if not cols:
+        return row_lse, None
+    tile_max = row_max.amax(-1, keepdim=True)                  # (B, 1)
+    weights = (row_max - tile_max).exp_()                      # ≤ 1
+    col_sum = torch.bmm(weights.unsqueeze(1), p).squeeze(1)    # (B, bj)
+    col_lse = col_sum.log().add_(tile_max)
+    # Below 2^24·tiny the sum may be made of denormal (imprecise) or flushed terms: recompute.
+    lost = col_sum < torch.finfo(col_sum.dtype).tiny * 2.0 ** 24
+    if bool(lost.any()):
+        # Rare (scores spread > ~87 in one tile): recompute this tile's scores exactly.
+        exact = torch.logsumexp(torch.bmm(tiles.lhs[:, i0:i1], tiles.rhs[:, j0:j1].transpose(1, 2)), dim=1)
+        col_lse = torch.where(lost, exact, col_lse)
+    return row_lse, col_lse
+
+
 def _symmetric_logsumexp(q, scale, tile_elements):
     """Row LSE of a symmetric S = τ·q qᵀ from the tiles on and above the diagonal only.
 
     Each off-diagonal tile serves its rows and (as the transposed tile) its columns: one
-    score matmul and one exp per element instead of two. Column sums reuse p = exp(s − m_r)
-    reweighted by exp(m_r − M) ≤ 1 (M the tile's max); a column whose reweighted sum falls
-    below the normal range (scores spread by more than ~87 within the tile) is recomputed
-    exactly from the scores, so any feature scale stays correct.
+    score matmul and one exp per element instead of two.
     """
     groups = q.shape[0]
     dtype = _compute_dtype(q)
@@ -176,28 +200,41 @@ def _symmetric_logsumexp(q, scale, tile_elements):
     out = torch.full((batch, n), -math.inf, dtype=dtype, device=q.device)
     edge = _square_tile(batch, n, tile_elements)
     tiles = _ScoreTiles(q, q, scale, edge, edge)
-    tiny = torch.finfo(dtype).tiny
     for i0 in range(0, n, edge):
         i1 = min(i0 + edge, n)
         for j0 in range(i0, n, edge):
             j1 = min(j0 + edge, n)
-            s = tiles(i0, i1, j0, j1)
-            row_max = s.amax(-1)                                   # (B, bi)
-            p = s.sub_(row_max[..., None]).exp_()
-            out[:, i0:i1] = torch.logaddexp(out[:, i0:i1], row_max + p.sum(-1).log())
-            if j0 == i0:
-                continue  # the diagonal tile's columns are its own rows
-            tile_max = row_max.amax(-1, keepdim=True)              # (B, 1)
-            weights = (row_max - tile_max).exp_()                  # ≤ 1
-            col_sum = torch.bmm(weights.unsqueeze(1), p).squeeze(1)  # (B, bj)
-            col_lse = col_sum.log().add_(tile_max)
-            lost = col_sum < tiny
-            if bool(lost.any()):
-                # Rare (scores spread > ~87 in one tile): recompute this tile's scores exactly.
-                exact = torch.logsumexp(torch.bmm(tiles.lhs[:, i0:i1], tiles.rhs[:, j0:j1].transpose(1, 2)), dim=1)
-                col_lse = torch.where(lost, exact, col_lse)
-            out[:, j0:j1] = torch.logaddexp(out[:, j0:j1], col_lse)
+            # the diagonal tile's columns are its own rows
+            row_lse, col_lse = _tile_row_and_col_lse(tiles, i0, i1, j0, j1, cols=j0 != i0)
+            out[:, i0:i1] = torch.logaddexp(out[:, i0:i1], row_lse)
+            if col_lse is not None:
+                out[:, j0:j1] = torch.logaddexp(out[:, j0:j1], col_lse)
     return unflat(out, groups)
+
+
+def logsumexp_rows_and_cols(q, k, *, scale, tile_elements=None):
+    """(r, c): r_i = log Σ_j exp(S_ij), c_j = log Σ_i exp(S_ij), from one pass over the tiles
+    (two row-LSE passes otherwise, one with q and k swapped)."""
+    if _same_tensor(q, k):
+        r = _symmetric_logsumexp(q, scale, tile_elements)
+        return r, r
+    groups = q.shape[0]
+    dtype = _compute_dtype(q, k)
+    q, k = flat(q).to(dtype), flat(k).to(dtype)
+    batch, n, _ = q.shape
+    m_cols = k.shape[1]
+    rows_out = torch.full((batch, n), -math.inf, dtype=dtype, device=q.device)
+    cols_out = torch.full((batch, m_cols), -math.inf, dtype=dtype, device=q.device)
+    rows, cols = tile_sizes(batch, n, m_cols, tile_elements)
+    tiles = _ScoreTiles(q, k, scale, rows, cols)
+    for i0 in range(0, n, rows):
+        i1 = min(i0 + rows, n)
+        for j0 in range(0, m_cols, cols):
+            j1 = min(j0 + cols, m_cols)
+            row_lse, col_lse = _tile_row_and_col_lse(tiles, i0, i1, j0, j1)
+            rows_out[:, i0:i1] = torch.logaddexp(rows_out[:, i0:i1], row_lse)
+            cols_out[:, j0:j1] = torch.logaddexp(cols_out[:, j0:j1], col_lse)
+    return unflat(rows_out, groups), unflat(cols_out, groups)
 
 
 def _same_tensor(a, b):
