@@ -340,8 +340,9 @@ def test_eigsh_initialisation_under_the_softmax(rng):
     caps = _clustered_problem(rng)
     _, evecs = np.linalg.eigh(_dense_summed_operator(caps, 8).numpy())
     result = SpectralSolver(n_eig=3, steps=0, init="eigsh", progress=False).fit(caps)
-    # softmax(c·U) ≈ (1 + c·U − mean)/K: the span is the eigenvectors' to first order
-    assert min_principal_cosine(result.features.reshape(64, 3), evecs[:, ::-1][:, :3]) >= 0.9
+    # softmax(c·U) ≈ (1 + c·U − mean)/K: the span is the eigenvectors' to first order only
+    # (over 60 seeds: median 0.98, 5 % quantile 0.95, minimum 0.85 — 0.9 failed 1 seed in 60)
+    assert min_principal_cosine(result.features.reshape(64, 3), evecs[:, ::-1][:, :3]) >= 0.8
     with pytest.raises(ValueError, match="pixel"):
         SpectralSolver(n_eig=3, steps=0, init="eigsh", parameterization="conv", progress=False).fit(caps)
 
