@@ -171,11 +171,17 @@ def _orthonormalize(v: Tensor, against: list, algebra, rank_tol: float = 1e-10) 
     if v.shape[1] == 0:
         return v
     for _ in range(2):  # twice: one SVQB pass leaves O(ε·cond) loss of orthogonality
-        evals, evecs = algebra.eigh(algebra.gram(v, v))
-        keep = evals > rank_tol * float(evals.max())
-        v = v @ (evecs[:, keep] / evals[keep].sqrt())
+        v = v @ _svqb(v, algebra, rank_tol)
         v = _project_out(v, against, algebra)  # the final projection keeps orthogonality to ε
     return v
+
+
+def _svqb(v: Tensor, algebra, rank_tol: float = 1e-10) -> Tensor:
+    """The transform T that makes v·T orthonormal (SVQB: from the eigendecomposition of the
+    Gram matrix), dropping directions whose eigenvalue is below rank_tol of the largest."""
+    evals, evecs = algebra.eigh(algebra.gram(v, v))
+    keep = evals > rank_tol * float(evals.max())
+    return evecs[:, keep] / evals[keep].sqrt()
 
 
 class _Applier:
@@ -300,9 +306,7 @@ def _fused_start_block(problem: _Problem, apply: _Applier, z: Tensor):
     norms = algebra.col_norms(X)
     X, AX = X / norms, AX / norms
     for _ in range(2):  # as in _orthonormalize, with the image carried along
-        evals, evecs = algebra.eigh(algebra.gram(X, X))
-        keep = evals > 1e-10 * float(evals.max())
-        transform = evecs[:, keep] / evals[keep].sqrt()
+        transform = _svqb(X, algebra)
         X, AX = X @ transform, AX @ transform
     if X.shape[1] < problem.k:
         return None
