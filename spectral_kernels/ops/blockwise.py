@@ -54,15 +54,15 @@ class _ScoreTiles:
         self.lhs = torch.cat(lhs, -1) if len(lhs) > 1 else lhs[0]
         self.rhs = torch.cat(rhs, -1) if len(rhs) > 1 else rhs[0]
         self.batch = q.shape[0]
-        self._flat = torch.empty(self.batch * rows * cols, dtype=q.dtype, device=q.device)
+        self._buffer = _Buffer(self.batch, rows, cols, q.dtype, q.device)
 
     def __call__(self, i0, i1, j0, j1):
-        s = self._flat[: self.batch * (i1 - i0) * (j1 - j0)].view(self.batch, i1 - i0, j1 - j0)
+        s = self._buffer.view(self.batch, i1 - i0, j1 - j0)
         return torch.bmm(self.lhs[:, i0:i1], self.rhs[:, j0:j1].transpose(1, 2), out=s)
 
 
 class _Buffer:
-    """A reusable flat buffer handing out dense (B, r, c) views (see _ScoreTiles)."""
+    """A reusable flat buffer handing out dense (B, r, c) views of its prefix."""
 
     def __init__(self, batch, rows, cols, dtype, device):
         self._flat = torch.empty(batch * rows * cols, dtype=dtype, device=device)
