@@ -218,13 +218,18 @@ class KQAffinity(AffinityOperator):
         return KQAffinity(q, k, normalize="sym", scale=self.scale, head_weights=self.head_weights,
                           backend=self.backend)
 
+    def _diagonal_half_score_range(self) -> tuple[float, float]:
+        """(min, max) over the tokens of τ|q_i|²/2 = S_ii/2 (first head)."""
+        half = 0.5 * self.scale * self.q[0].double().pow(2).sum(-1)
+        return float(half.min()), float(half.max())
+
     def _fusable(self) -> bool:
         """Whether ``fused_start`` applies: one head, q is k, degrees not known yet, and the
         squared norms close enough for one constant offset (see fused_start)."""
         if not (self.can_subsample() and self.scores_symmetric and self.n_heads == 1 and self._row_lse is None):
             return False
-        half_norms = 0.5 * self.scale * self.q[0].double().pow(2).sum(-1)   # τ|q_i|²/2
-        return 2.0 * float(half_norms.max() - half_norms.min()) <= 40.0
+        low, top = self._diagonal_half_score_range()
+        return 2.0 * (top - low) <= 40.0
 
     @_inputs_scanned
     def extend_from_sample(self, index, sample, vectors):
@@ -265,7 +270,7 @@ class KQAffinity(AffinityOperator):
         """
         if not self._fusable():
             return None
-        top = float(0.5 * self.scale * self.q[0].double().pow(2).sum(-1).max())
+        top = self._diagonal_half_score_range()[1]
         ones = torch.ones(z.shape[0], 1, dtype=self.dtype, device=self.device)
         offset = torch.full((1, z.shape[0]), top, dtype=self.dtype, device=self.device)
         y = affinity_symmetric_matmul(self.q, self.q, torch.cat([ones, z.to(self.dtype)], 1), scale=self.scale,
