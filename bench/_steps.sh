@@ -5,7 +5,12 @@
 #   install_here TIMEOUT_S           pip install -e . (builds csrc/ when nvcc is there), then
 #                                    imports the package from this checkout whatever pip did
 #   finish                           the summary line; exit status 1 if any step failed.
-# The caller sets LOG_DIR and PYTHON first.
+# The caller cds to the repository root first. PYTHON defaults to python3; logs go to $OUT
+# when it is set, else to a temporary folder.
+PYTHON="${PYTHON:-python3}"
+LOG_DIR="${OUT:-$(mktemp -d)}"
+mkdir -p "$LOG_DIR"
+export PYTHONUNBUFFERED=1
 failed=()
 
 step() {

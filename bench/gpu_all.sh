@@ -26,10 +26,6 @@
 # temporary folder.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3}"
-LOG_DIR="${OUT:-$(mktemp -d)}"
-mkdir -p "$LOG_DIR"
-export PYTHONUNBUFFERED=1
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 source bench/_steps.sh
 wanted() {  # no step names given: every step

@@ -8,10 +8,6 @@
 # default 240), BENCH_TIMEOUT (300), TRITON_TEST_TIMEOUT (240), INSTALL_TIMEOUT (300).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3}"
-LOG_DIR="${OUT:-$(mktemp -d)}"
-mkdir -p "$LOG_DIR"
-export PYTHONUNBUFFERED=1
 source bench/_steps.sh
 environment
 
