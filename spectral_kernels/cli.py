@@ -44,26 +44,22 @@ class UsageError(Exception):
 
 
 # ---------------------------------------------------------------------------- argument types
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, minimum: int, expected: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def _segments(text: str):
-    if text == "auto":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 2 or 'auto', got {text!r}") from None
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 2 or 'auto', got {value}")
-    return value
+    return None if text == "auto" else _int_at_least(text, 2, "an integer ≥ 2 or 'auto'")
 
 
 def _sizes(text: str) -> list[int]:
@@ -351,7 +347,8 @@ def bench_rows(device, sizes, *, backend: str, seed: int, budget_s: float = 1.0)
     """Per N: (N, SDPA ms, row-normalised product ms, symmetric NCut product ms); one run."""
     import torch
     import torch.nn.functional as F
-    from .ops import affinity_logsumexp, affinity_matmul, affinity_symmetric_matmul
+    from .objective import symmetric_offsets
+    from .ops import affinity_matmul, affinity_symmetric_matmul
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gen = torch.Generator(device=device).manual_seed(seed)
     rows = []
@@ -361,9 +358,7 @@ def bench_rows(device, sizes, *, backend: str, seed: int, budget_s: float = 1.0)
         x = torch.randn(1, 1, n, BENCH_WIDTH, device=device, dtype=dtype, generator=gen)
         scale = BENCH_DIM ** -0.5
         # NCut offsets of S = τ q kᵀ: ½ log of the mean of row and column degrees (computed once)
-        r = affinity_logsumexp(q, k, scale=scale, backend=backend)
-        c = affinity_logsumexp(k, q, scale=scale, backend=backend)
-        offset = 0.5 * (torch.logaddexp(r, c) - np.log(2.0))
+        offset = symmetric_offsets(q, k, scale=scale, backend=backend)
         # CUDA's fastest SDPA kernels (cuDNN, flash) need V as wide as Q: pad it, as a user would
         v = F.pad(x, (0, BENCH_DIM - BENCH_WIDTH)) if device.type == "cuda" else x
         sdpa = _time_ms(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale), device, budget_s=budget_s)

@@ -63,8 +63,10 @@ def symmetric_offsets(q: Tensor, k: Tensor, *, scale: float | None = None, backe
     d_i = (e^{r_i} + e^{c_i})/2 with r the row and c the column log-sum-exp, combined in
     log space so that no exponent overflows.
     """
-    rows = affinity_logsumexp(q, k, scale=scale, backend=backend)
-    cols = rows if q is k else affinity_logsumexp(k, q, scale=scale, backend=backend)
+    if q is k:
+        rows = cols = affinity_logsumexp(q, k, scale=scale, backend=backend)
+    else:  # both from one pass where the backend can
+        rows, cols = affinity_logsumexp(q, k, scale=scale, return_col_lse=True, backend=backend)
     return 0.5 * (torch.logaddexp(rows, cols) - math.log(2.0))
 
 
