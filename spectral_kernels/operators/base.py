@@ -185,19 +185,19 @@ class SumOperator(AffinityOperator):
         self.dtype = _promote(op.dtype for _, op in flat)
         self.is_symmetric = all(op.is_symmetric for _, op in flat)
 
-    def _matmul(self, x):
+    def _weighted_sum(self, product, x):
+        """Σ_t w_t · product(op_t, x) in this operator's dtype."""
         out = None
         for weight, op in self.terms:
-            y = op._matmul(x.to(op.dtype)).to(self.dtype)
+            y = product(op, x.to(op.dtype)).to(self.dtype)
             out = y.mul_(weight) if out is None else out.add_(y, alpha=weight)
         return out
 
+    def _matmul(self, x):
+        return self._weighted_sum(lambda op, v: op._matmul(v), x)
+
     def _adjoint_matmul(self, x):
-        out = None
-        for weight, op in self.terms:
-            y = op._adjoint_matmul(x.to(op.dtype)).to(self.dtype)
-            out = y.mul_(weight) if out is None else out.add_(y, alpha=weight)
-        return out
+        return self._weighted_sum(lambda op, v: op._adjoint_matmul(v), x)
 
     def trivial_eigenvector(self):
         # A positive multiple keeps the eigenvector (and its place at the top of the spectrum).
