@@ -247,19 +247,23 @@ def _dying_worker(rank, world, port, tmp):
 
 # --------------------------------------------------------------------------- the runs
 
+def _run_world(world, counts, worker, label, tmp_path_factory):
+    """Fresh random data, ``worker`` on ``world`` processes, and what each rank saved."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed: {seed}")
+    data = _make_data(seed, sum(counts))
+    tmp = tmp_path_factory.mktemp(label)
+    data_path = os.path.join(tmp, "data.pt")
+    torch.save(data, data_path)
+    _launch(worker, world, data_path, str(tmp))
+    per_rank = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+    return {"world": world, "counts": counts, "data": data, "seed": seed, "ranks": per_rank}
+
+
 @pytest.fixture(scope="module", params=sorted(COUNTS), ids=lambda w: f"world{w}")
 def run(request, tmp_path_factory):
     world = request.param
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random seed: {seed}")
-    counts = COUNTS[world]
-    data = _make_data(seed, sum(counts))
-    tmp = tmp_path_factory.mktemp(f"world{world}")
-    data_path = os.path.join(tmp, "data.pt")
-    torch.save(data, data_path)
-    _launch(_worker, world, data_path, str(tmp))
-    per_rank = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
-    return {"world": world, "counts": counts, "data": data, "seed": seed, "ranks": per_rank}
+    return _run_world(world, COUNTS[world], _worker, f"world{world}", tmp_path_factory)
 
 
 def _gathered(run, key, dim=0):
@@ -282,16 +286,7 @@ def _reference(run, family, mode, **kw):
 @pytest.fixture(scope="module", params=sorted(COUNTS_PRODUCTS_ONLY), ids=lambda w: f"world{w}")
 def products_run(request, tmp_path_factory):
     world = request.param
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random seed: {seed}")
-    counts = COUNTS_PRODUCTS_ONLY[world]
-    data = _make_data(seed, sum(counts))
-    tmp = tmp_path_factory.mktemp(f"products{world}")
-    data_path = os.path.join(tmp, "data.pt")
-    torch.save(data, data_path)
-    _launch(_products_worker, world, data_path, str(tmp))
-    per_rank = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
-    return {"world": world, "counts": counts, "data": data, "seed": seed, "ranks": per_rank}
+    return _run_world(world, COUNTS_PRODUCTS_ONLY[world], _products_worker, f"products{world}", tmp_path_factory)
 
 
 @pytest.mark.parametrize("mode", MODES)
