@@ -102,10 +102,7 @@ def softmax_quadratic_form(q: Tensor, k: Tensor, z: Tensor, *, row_lse: Tensor |
     forward runs ``affinity_matmul_pair`` (P z and Pᵀ z from one pass over the score tiles)
     and backward is an einsum with the saved (P + Pᵀ) z.
     """
-    check_tensor("q", q, min_dim=3, finite=False)
-    check_tensor("k", k, min_dim=3, finite=False)
-    check_tensor("z", z, min_dim=2)
-    _check_square(q, k, z)
+    _check_form_inputs(q, k, z)
     if row_lse is None:
         row_lse = affinity_logsumexp(q, k, scale=scale, backend=backend)
     else:
@@ -147,13 +144,18 @@ def ncut_quadratic_form(q: Tensor, k: Tensor, z: Tensor, *, offset: Tensor | Non
     ``head_weights`` (H,) the weighted sum over heads (..., K). Differentiable w.r.t. z once:
     M is symmetric, so the gradient 2·M z is the forward product itself — no second pass.
     """
+    _check_form_inputs(q, k, z)
+    if offset is None:
+        offset = symmetric_offsets(q, k, scale=scale, backend=backend)
+    return _NCutQuadraticForm.apply(z, q, k, offset, head_weights, scale, backend)
+
+
+def _check_form_inputs(q, k, z):
+    """The checks shared by the quadratic forms: (..., H, N, d) data q, k and (..., N, K) z."""
     check_tensor("q", q, min_dim=3, finite=False)
     check_tensor("k", k, min_dim=3, finite=False)
     check_tensor("z", z, min_dim=2)
     _check_square(q, k, z)
-    if offset is None:
-        offset = symmetric_offsets(q, k, scale=scale, backend=backend)
-    return _NCutQuadraticForm.apply(z, q, k, offset, head_weights, scale, backend)
 
 
 def _check_square(q, k, z):
