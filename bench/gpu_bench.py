@@ -109,6 +109,7 @@ class Table:
                 cudnn = self.cudnn.get((n, 1))
                 row = self.ms.get((n, 1, f"{name} row-normalised"))
                 sym = self.ms.get((n, 1, f"{name} symmetric fused ½(E+Eᵀ)X"))
+                walks = {w: self.ms.get((n, 1, f"{name} symmetric, {w} walk")) for w in ("rect", "paired")}
                 pair = self.ms.get((n, 1, f"{name} pair (P·X, Pᵀ·X)"))
                 two_rows = self.ms.get((n, 1, f"{name} pair as 2 row products"))
                 chunked = self.ms.get((n, 1, "chunked torch bf16"))
@@ -117,6 +118,8 @@ class Table:
                     parts.append(f"row-normalised {row / cudnn:.2f}× cuDNN time (goal ≤ 1.00)")
                 if cudnn and sym:
                     parts.append(f"symmetric fused {sym / cudnn:.2f}× one cuDNN call (goal ≤ 1.20)")
+                if cudnn and all(walks.values()):
+                    parts.append("walks: " + ", ".join(f"{w} {ms / cudnn:.2f}×" for w, ms in walks.items()))
                 if cudnn and pair:
                     parts.append(f"pair {pair / cudnn:.2f}× one cuDNN call")
                 if two_rows and pair:
@@ -130,6 +133,19 @@ class Table:
 
 
 # --------------------------------------------------------------------------- workloads
+def with_symmetric_walk(walk, fn):
+    """Run fn with the Triton symmetric kernel's walk forced (read at each launch)."""
+    before = os.environ.get("SPECTRAL_KERNELS_SYMMETRIC_WALK")
+    os.environ["SPECTRAL_KERNELS_SYMMETRIC_WALK"] = walk
+    try:
+        return fn()
+    finally:
+        if before is None:
+            del os.environ["SPECTRAL_KERNELS_SYMMETRIC_WALK"]
+        else:
+            os.environ["SPECTRAL_KERNELS_SYMMETRIC_WALK"] = before
+
+
 def inputs(n, heads=1, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     shape = (heads, n, D) if heads > 1 else (n, D)
@@ -218,6 +234,18 @@ def bench_size(table, n, backends, quick):
             table.add(n, 1, f"{name} symmetric fused, q is k",
                       lambda b=name: affinity_symmetric_matmul(q, q, x, scale=SCALE, offset=row_lse(b), backend=b),
                       note="triangle tiles only; ratio vs ONE cuDNN call", flops_heads=2)
+    if "triton" in backends:
+        # The two walks of q ≠ k that the autotuner chooses between (row above), each forced.
+        for walk, what in (("rect", "rectangle walk, column atomics per tile"),
+                           ("paired", "upper triangle of pair tiles E_IJ + E_JIᵀ")):
+            table.add(n, 1, f"triton symmetric, {walk} walk",
+                      lambda w=walk: with_symmetric_walk(w, lambda: affinity_symmetric_matmul(
+                          q, k, x, scale=SCALE, offset=row_lse("triton"), backend="triton")),
+                      note=f"{what}; ratio vs ONE cuDNN call", flops_heads=2)
+        table.add(n, 1, "triton ½(P+Pᵀ)X (α = row LSE, β = 0)",
+                  lambda: affinity_symmetric_matmul(q, k, x, scale=SCALE, row_offset=row_lse("triton"),
+                                                    backend="triton"),
+                  note="the solver's random-walk product; ratio vs ONE cuDNN call", flops_heads=2)
     # Pair (P·X, Pᵀ·X), α = row LSE: fused one pass vs two row products (vs the 2 × cuDNN row above).
     for name in ("triton", "cuda"):
         if name in backends:

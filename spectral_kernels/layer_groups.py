@@ -5,7 +5,7 @@ step 4 launches (plus their backward) instead of 16. A group holds q, k as
 (L, B, H, N, d) with the extra tokens already removed (``extra_tokens="drop"``) and the
 per-token log-space vectors that depend only on q, k, computed once per set of captures:
 the log-degree offsets for the symmetric variants, the row log-sum-exp for the random-walk
-one (then each solver step costs one pair pass per group, values and gradient).
+one (then each solver step costs one symmetric pass per group, values and gradient).
 """
 from __future__ import annotations
 

@@ -17,10 +17,12 @@ With q, k instead of a dense affinity, P = softmax(τ q kᵀ) and, for ``symmetr
 A = exp(τ q kᵀ) (the NCut of the attention kernel itself, not exp of the probabilities the
 official code receives).
 
-``symmetric=0``: with the row log-sum-exp r (P = D_r⁻¹A, E_ij = exp(τ q_i·k_j − r_i)) one
-``affinity_matmul_pair`` call gives P·Z and Pᵀ·Z for all heads in a single pass over the
-score tiles: the values diag(Zᵀ P_h Z) and their gradient (P_h + P_hᵀ)·Z, so backward is an
-einsum and needs no second pass (``softmax_quadratic_form``). r depends only on q, k: callers
+``symmetric=0``: with the row log-sum-exp r (P = D_r⁻¹A, P_ij = exp(τ q_i·k_j − r_i)) one
+``affinity_symmetric_matmul`` call with row offsets r gives ½(P + Pᵀ)·Z for all heads in a
+single pass over the score tiles: the values diag(Zᵀ P_h Z) = diag(Zᵀ·½(P_h + P_hᵀ)·Z) and
+their gradient (P_h + P_hᵀ)·Z, so backward is an einsum and needs no second pass
+(``softmax_quadratic_form``). ½(P + Pᵀ) is symmetric, so GPU kernels may walk only the
+upper triangle of pair tiles P_IJ + (P_JI)ᵀ. r depends only on q, k: callers
 with fixed affinities (the solver's layer groups) compute it once and pass ``row_lse``.
 ``symmetric=1``: D^-½ W D^-½ · Z is ``affinity_symmetric_matmul`` with offsets ½·log d from
 row and column log-sum-exps (log space, no overflow); that operator is self-adjoint, so its
@@ -36,7 +38,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._validation import check_same_device, check_tensor
-from .ops import affinity_logsumexp, affinity_matmul_pair, affinity_symmetric_matmul
+from .ops import affinity_logsumexp, affinity_symmetric_matmul
 from .pooling import GridPooling
 
 __all__ = ["ncut_loss", "off_diagonal", "symmetric_offsets", "eigen_terms", "softmax_quadratic_form",
@@ -71,22 +73,22 @@ def symmetric_offsets(q: Tensor, k: Tensor, *, scale: float | None = None, backe
 
 
 class _SoftmaxQuadraticForm(torch.autograd.Function):
-    """diag(Zᵀ P_h Z) per head from one pair pass; backward reuses the saved (P_h + P_hᵀ)·Z."""
+    """diag(Zᵀ P_h Z) per head from one symmetric pass; backward reuses the saved (P_h + P_hᵀ)·Z."""
 
     @staticmethod
     def forward(ctx, z, q, k, row_lse, scale, backend):
         heads_z = z.unsqueeze(-3)                                  # one Z shared by the heads
-        pz, ptz = affinity_matmul_pair(q, k, heads_z, heads_z, scale=scale, row_offset=row_lse,
-                                       backend=backend)
-        ctx.save_for_backward(pz + ptz)                            # ∂(zᵀPz)/∂z = (P + Pᵀ)z
+        # ½(P + Pᵀ)·Z: P_ij = exp(S_ij − r_i), so α = r and β = 0 in the symmetric product.
+        half_sym_z = affinity_symmetric_matmul(q, k, heads_z, scale=scale, row_offset=row_lse, backend=backend)
+        ctx.save_for_backward(half_sym_z)                          # ∂(zᵀPz)/∂z = (P + Pᵀ)z
         ctx.z_shape = z.shape
-        return (pz * heads_z).sum(-2)                              # (..., H, K)
+        return (half_sym_z * heads_z).sum(-2)                      # zᵀ·½(P + Pᵀ)·z = zᵀPz, (..., H, K)
 
     @staticmethod
     @once_differentiable  # (P + Pᵀ)z is saved as data: a second derivative would need P again
     def backward(ctx, grad_values):
-        (sym_z,) = ctx.saved_tensors
-        grad_z = torch.einsum("...hk,...hnk->...nk", grad_values.to(sym_z.dtype), sym_z)
+        (half_sym_z,) = ctx.saved_tensors
+        grad_z = 2.0 * torch.einsum("...hk,...hnk->...nk", grad_values.to(half_sym_z.dtype), half_sym_z)
         # Z broadcast over q/k's batch dims (e.g. one Z for all layers of a group): sum back.
         return grad_z.sum_to_size(ctx.z_shape), None, None, None, None, None
 
@@ -99,8 +101,8 @@ def softmax_quadratic_form(q: Tensor, k: Tensor, z: Tensor, *, row_lse: Tensor |
     dims broadcasting against q/k's without the head dim. ``row_lse`` (..., H, N): the row
     log-sum-exp of τ q kᵀ (``affinity_logsumexp(q, k)``), computed here when None — pass it
     when the same q, k serve many calls. Returns (..., H, K), differentiable w.r.t. z once:
-    forward runs ``affinity_matmul_pair`` (P z and Pᵀ z from one pass over the score tiles)
-    and backward is an einsum with the saved (P + Pᵀ) z.
+    forward runs ``affinity_symmetric_matmul`` with α = r (½(P + Pᵀ)·z from one pass over
+    the score tiles) and backward is an einsum with the saved product.
     """
     _check_form_inputs(q, k, z)
     if row_lse is None:
@@ -179,8 +181,8 @@ def eigen_terms(q: Tensor, k: Tensor, x: Tensor, *, symmetric: int, scale: float
 
     q, k: (..., H, N, d); x: (..., N, K) pooled features, shared by the heads (not yet
     normalised). Precomputed per-token vectors (..., H, N), each used by one variant only:
-    ``row_lse`` = ``affinity_logsumexp(q, k)`` for ``symmetric=0`` (one pair pass per call
-    then, values and gradient), ``offsets`` = ``symmetric_offsets`` for ``symmetric=1``.
+    ``row_lse`` = ``affinity_logsumexp(q, k)`` for ``symmetric=0`` (one symmetric pass per
+    call then, values and gradient), ``offsets`` = ``symmetric_offsets`` for ``symmetric=1``.
 
     Returns eigval (..., H, K) for ``symmetric=0`` or (..., H, H, K) for ``symmetric=1``
     (index [h, h'] = z_hᵀ L_h' z_h', the official cross-head broadcast), and the Gram

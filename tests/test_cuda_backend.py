@@ -297,6 +297,21 @@ def test_symmetric_odd_length_both_paths(cuda_ready, rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_symmetric_with_separate_row_and_column_offsets(cuda_ready, rng, dtype):
+    """α ≠ β (the solver's ½(P + Pᵀ)·Z with α = row LSE): two row products of the kernels."""
+    dev, h, n, d, m = cuda_ready, 2, 1000, 64, 20
+    q = _randn(rng, h, n, d, dtype=dtype, device=dev, std=0.5)
+    k = _randn(rng, h, n, d, dtype=dtype, device=dev, std=0.5)
+    x = _randn(rng, n, m, dtype=dtype, device=dev)
+    for kk in (q, k):
+        r = affinity_logsumexp(q, kk, backend="cuda")
+        y = affinity_symmetric_matmul(q, kk, x, row_offset=r, backend="cuda")
+        ref = _dense(affinity_symmetric_matmul, q, q if kk is q else kk, x, row_offset=r)
+        assert _rel_err(y, ref) < TOLERANCE[dtype], kk is q
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gradients_through_cuda(cuda_ready, rng, dtype):
     dev, h, n, d, m = cuda_ready, 2, 600, 64, 8
     q = _randn(rng, h, n, d, dtype=dtype, device=dev)

@@ -106,7 +106,7 @@ def count_passes(monkeypatch):
 
 # Passes over the score tiles per solver step and layer group (values and gradient).
 PASSES_PER_STEP = {
-    "random_walk": {"matmul_pair": 1},       # P z and Pᵀ z from one pair; row LSE cached
+    "random_walk": {"symmetric_matmul": 1},  # ½(P + Pᵀ)z from one pass; row LSE cached
     "subspace": {"symmetric_matmul": 1},     # M symmetric: the gradient 2·M z is the forward product
     "symmetric": {"symmetric_matmul": 2},    # cross-head terms: backward applies M to other vectors
 }

@@ -89,7 +89,7 @@ def test_symmetric_same_tensor_uses_triangle(rng, monkeypatch):
     """q is k → the kernel's SAME_QK variant; an equal copy of q → the full walk; same result."""
     q, x = _randn(rng, 1, 1, 33, 8), _randn(rng, 1, 1, 33, 3)
     seen = []
-    kernel = tb._kernels()[2]
+    kernel = tb._kernels()[2]["auto"]
     launch = kernel.run
 
     def spy(*args, **kwargs):
@@ -101,56 +101,62 @@ def test_symmetric_same_tensor_uses_triangle(rng, monkeypatch):
     y_full = tb.symmetric_matmul(q, q.clone(), x, scale=0.5)
     assert seen[0] is True and seen[-1] is False
     torch.testing.assert_close(y_tri, y_full, rtol=1e-5, atol=1e-6)
+    # q is k but α ≠ β: E is not symmetric, no triangle
+    a = _randn(rng, 1, 1, 33)
+    y = tb.symmetric_matmul(q, q, x, scale=0.5, row_offset=a)
+    assert seen[-1] is False
+    assert _err(y, reference.symmetric_matmul(*_f64(q, q, x), scale=0.5, row_offset=_f64(a)[0])) < 1e-5
 
 
-@pytest.mark.parametrize("normalize", ("none", "row"))
-def test_even_tiles(rng, normalize):
-    """N, M multiples of the tile and d, m equal to their padded widths: the unmasked paths."""
-    q, k, x = _randn(rng, 1, 1, 32, 16), _randn(rng, 1, 1, 64, 16), _randn(rng, 1, 1, 64, 16)
-    beta = _randn(rng, 1, 1, 64)
-    y, _ = tb.matmul(q, k, x, scale=0.25, col_offset=beta, normalize=normalize)
-    y_ref, _ = reference.matmul(*_f64(q, k, x), scale=0.25, col_offset=beta.double().cpu(), normalize=normalize)
-    assert _err(y, y_ref) < 1e-5
+def _symmetric_ref(q, k, x, scale, alpha=None, beta=None, **kw):
+    return reference.symmetric_matmul(*_f64(q, k, x), scale=scale, row_offset=_f64(alpha)[0],
+                                      col_offset=_f64(beta)[0], **kw)
 
 
-@pytest.mark.parametrize("scale", (0.3, 0.0, -0.7))
-def test_row_softmax_any_sign_of_scale(rng, scale):
-    """τ > 0 takes the row max before scaling (RAW_MAX); τ ≤ 0 the general path."""
-    q, k, x = _randn(rng, 1, 1, 33, 5), _randn(rng, 1, 1, 7, 5), _randn(rng, 1, 1, 7, 3)
-    y, lse = tb.matmul(q, k, x, scale=scale, normalize="row")
-    y_ref, lse_ref = reference.matmul(*_f64(q, k, x), scale=scale, normalize="row")
-    assert _err(y, y_ref) < 1e-5
-    torch.testing.assert_close(lse.double().cpu(), lse_ref, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("walk", ("rect", "paired"))
+@pytest.mark.parametrize("n", SIZES + (32, 64))
+def test_symmetric_walks_with_row_and_column_offsets(rng, monkeypatch, walk, n):
+    """Both walks of q ≠ k (and of q is k with α ≠ β), every offset combination: the paired
+    walk's band (64 = two row blocks of 32) and ragged tiles, the rectangle's atomics."""
+    monkeypatch.setenv("SPECTRAL_KERNELS_SYMMETRIC_WALK", walk)
+    q, k, x = _randn(rng, 2, 2, n, 12), _randn(rng, 2, 2, n, 12), _randn(rng, 2, 2, n, 5)
+    alpha, beta = _randn(rng, 2, 2, n), _randn(rng, 2, 2, n)
+    for kk in (k, q):
+        for a, b in ((None, None), (alpha, None), (None, beta), (alpha, beta)):
+            if kk is q and a is None and b is None:
+                continue  # the SAME_QK walk (its own tests)
+            y = tb.symmetric_matmul(q, kk, x, scale=0.3, row_offset=a, col_offset=b)
+            assert y.shape == (2, 2, n, 5)
+            assert _err(y, _symmetric_ref(q, kk, x, 0.3, a, b)) < 1e-5
+    y = tb.symmetric_matmul(q, k, x, scale=0.3, offset=alpha)  # α = β, q ≠ k
+    assert _err(y, _symmetric_ref(q, k, x, 0.3, alpha, alpha)) < 1e-5
 
 
-# --------------------------------------------------------------------------- public API, backend="triton"
-@pytest.mark.parametrize("normalize", ("none", "row"))
-def test_batch_heads_and_offsets_through_public_api(rng, normalize):
-    q, k, x = _randn(rng, 2, 3, 7, 5), _randn(rng, 2, 3, 33, 5), _randn(rng, 2, 3, 33, 3)
-    alpha, beta = _randn(rng, 2, 3, 7), _randn(rng, 3, 33)  # β broadcast over the first dim
-    kwargs = dict(scale=0.7, row_offset=alpha, col_offset=beta, normalize=normalize)
-    y = affinity_matmul(q, k, x, backend="triton", **kwargs)
-    y_ref = affinity_matmul(*_f64(q, k, x), **{**kwargs, "row_offset": alpha.double().cpu(),
-                                              "col_offset": beta.double().cpu()}, backend="dense")
-    assert y.shape == (2, 3, 7, 3)
-    assert _err(y, y_ref) < 1e-5
-
-
-@pytest.mark.parametrize("normalize", ("none", "row"))
-def test_head_sum_with_shared_x(rng, normalize):
-    heads = 4
-    q, k = _randn(rng, 2, heads, 33, 12), _randn(rng, 2, heads, 7, 12)
-    x = _randn(rng, 7, 3)  # one X for every group and head
+@pytest.mark.parametrize("walk", ("rect", "paired"))
+def test_symmetric_walks_head_sum_strided_and_low_precision(rng, monkeypatch, walk):
+    monkeypatch.setenv("SPECTRAL_KERNELS_SYMMETRIC_WALK", walk)
+    heads, n = 3, 45
+    q = _randn(rng, 1, heads, n, 24)[..., ::2]                       # strided features
+    k = _randn(rng, 1, heads, n, 12)
+    x = _randn(rng, 1, 1, n, 2).expand(1, heads, n, 2)               # shared by the heads
+    alpha = _randn(rng, 1, heads, n)
     w = torch.rand(heads, generator=rng, dtype=torch.float64).to(DEVICE, torch.float32)
-    out = affinity_matmul(q, k, x, head_weights=w, normalize=normalize, backend="triton",
-                          return_lse=normalize == "row")
-    y, lse = out if normalize == "row" else (out, None)
-    y_ref, lse_ref = reference.matmul(*_f64(q, k, x.expand(2, heads, 7, 3)), scale=12 ** -0.5,
-                                      normalize=normalize, head_weights=w.double().cpu())
-    assert y.shape == (2, 33, 3)
-    assert _err(y, y_ref) < 1e-5
-    if lse is not None:
-        torch.testing.assert_close(lse.double().cpu(), lse_ref, rtol=1e-5, atol=1e-5)
+    y = tb.symmetric_matmul(q, k, x, scale=0.4, row_offset=alpha, head_weights=w)
+    assert y.shape == (1, n, 2)
+    assert _err(y, _symmetric_ref(q, k, x, 0.4, alpha, None, head_weights=w.double().cpu())) < 1e-5
+    for dtype in (torch.float16, torch.bfloat16):
+        ql, kl, xl = q.to(dtype), k.to(dtype), x.to(dtype)
+        y = tb.symmetric_matmul(ql, kl, xl, scale=0.4, row_offset=alpha)
+        y_low = reference.symmetric_matmul(ql.cpu(), kl.cpu(), xl.cpu(), scale=0.4, row_offset=alpha.cpu(),
+                                           dtype=dtype)
+        _lowp_tolerance_check(y, _symmetric_ref(ql, kl, xl, 0.4, alpha), y_low)
+
+
+def test_symmetric_walk_setting_is_checked(rng, monkeypatch):
+    monkeypatch.setenv("SPECTRAL_KERNELS_SYMMETRIC_WALK", "diagonal")
+    q, x = _randn(rng, 1, 1, 7, 4), _randn(rng, 1, 1, 7, 2)
+    with pytest.raises(ValueError, match="SPECTRAL_KERNELS_SYMMETRIC_WALK"):
+        tb.symmetric_matmul(q, q.clone(), x, scale=0.5)
 
 
 def test_symmetric_head_sum(rng):
@@ -519,9 +525,10 @@ compile_hopper(K._row_product_kernel, dict(common, HAS_ROW_OFFSET=True, HAS_COL_
                HEAD_SUM=True, RAW_MAX=False, BLOCK_ROWS=128, BLOCK_COLS=128, EVEN_ROWS=False, EVEN_COLS=False), 8, 3)
 compile_hopper(K._logsumexp_kernel, dict(D=64, HAS_COL_OFFSET=True, QK_IEEE=False, UPCAST_BF16=False,
                BLOCK_ROWS=128, BLOCK_COLS=64, BLOCK_D=64, EVEN_ROWS=False, EVEN_COLS=False), 4, 3)
-for same in (True, False):
-    ptx = compile_hopper(K._symmetric_kernel, dict(common, HAS_OFFSET=True, HEAD_SUM=not same, SAME_QK=same,
-                         BLOCK_ROWS=256, BLOCK_COLS=64, EVEN_N=same), 8, 2)
+for same, paired in ((True, False), (False, False), (False, True)):
+    ptx = compile_hopper(K._symmetric_kernel, dict(common, HAS_ROW_OFFSET=True, HAS_COL_OFFSET=same or paired,
+                         HEAD_SUM=not same, SAME_QK=same, PAIRED=paired, BLOCK_ROWS=256 if not paired else 128,
+                         BLOCK_COLS=64, EVEN_N=same), 8, 2)
     assert "red.global" in ptx  # the column atomics
 for even in (True, False):
     ptx = compile_hopper(K._pair_kernel, dict(common, PW_MODE=K.PX_BF16, HAS_ROW_OFFSET=True, HAS_COL_OFFSET=not even,
@@ -574,6 +581,12 @@ def test_gpu_against_reference(rng, monkeypatch, dtype, n):
             y = tb.symmetric_matmul(q, kk, x, scale=0.125, offset=r)
             y_ref = reference.symmetric_matmul(q64, _f64(kk)[0], x64, scale=0.125, offset=r.double().cpu())
             assert _err(y, y_ref) < tol
+    # q ≠ k and α ≠ β (the solver's ½(P + Pᵀ)·Z): each walk forced, then the autotuned choice
+    y_ref = reference.symmetric_matmul(q64, k64, x64, scale=0.125, row_offset=r.double().cpu())
+    for walk in ("rect", "paired", "auto"):
+        monkeypatch.setenv("SPECTRAL_KERNELS_SYMMETRIC_WALK", walk)
+        for _ in range(2):
+            assert _err(tb.symmetric_matmul(q, k, x, scale=0.125, row_offset=r), y_ref) < tol
 
 
 @pytest.mark.gpu

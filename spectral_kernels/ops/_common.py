@@ -121,19 +121,20 @@ def _canonical_rhs(name, x, batch, groups, heads, weighted):
     return x.expand(*batch, *x.shape[-2:]).reshape(groups, heads, *x.shape[-2:])
 
 
-def _layout(q, k, x, scale, row_offset=None, col_offset=None, head_weights=None, *, square=False, w=None):
+def _layout(q, k, x, scale, row_offset=None, col_offset=None, head_weights=None, *, square=False, w=None,
+            row_name="row_offset"):
     check_tensor("q", q, min_dim=2, finite=False)
     check_tensor("k", k, min_dim=2, finite=False)
     if x is not None:
         check_tensor("x", x, min_dim=2, finite=False)
     if w is not None:
         check_tensor("w", w, min_dim=2, finite=False)
-    for name, t in (("row_offset", row_offset), ("col_offset", col_offset), ("head_weights", head_weights)):
+    for name, t in ((row_name, row_offset), ("col_offset", col_offset), ("head_weights", head_weights)):
         if t is not None:
             check_tensor(name, t, finite=False)
-    device = check_same_device(q=q, k=k, x=x, w=w, row_offset=row_offset, col_offset=col_offset,
+    device = check_same_device(q=q, k=k, x=x, w=w, **{row_name: row_offset}, col_offset=col_offset,
                                head_weights=head_weights)
-    for name, t in (("q", q), ("k", k), ("x", x), ("w", w), ("row_offset", row_offset), ("col_offset", col_offset),
+    for name, t in (("q", q), ("k", k), ("x", x), ("w", w), (row_name, row_offset), ("col_offset", col_offset),
                     ("head_weights", head_weights)):
         if t is not None:
             check_finite(name, t)
@@ -191,7 +192,7 @@ def _layout(q, k, x, scale, row_offset=None, col_offset=None, head_weights=None,
         k=k.expand(*batch, m_tokens, d).reshape(groups, heads, m_tokens, d),
         x=x4,
         w=w4,
-        row_offset=canon(_offset("row_offset", row_offset, batch, n, device, offset_dtype), n),
+        row_offset=canon(_offset(row_name, row_offset, batch, n, device, offset_dtype), n),
         col_offset=canon(_offset("col_offset", col_offset, batch, m_tokens, device, offset_dtype), m_tokens),
         head_weights=head_weights,
         scale=scale,

@@ -33,3 +33,24 @@ def reduce_heads(y, head_weights):
 
 def compute_dtype(*tensors):
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def symmetric_offsets_args(offset=None, row_offset=None, col_offset=None):
+    """(α, β) of the symmetric product ½(E + Eᵀ)·X, E_ij = exp(S_ij − α_i − β_j).
+
+    ``offset`` = a is the NCut form α = β = a (returned as the same object twice, so that
+    backends can see it); ``row_offset`` / ``col_offset`` set them separately.
+    """
+    if offset is not None:
+        if row_offset is not None or col_offset is not None:
+            raise ValueError("pass either offset (α = β) or row_offset/col_offset, not both")
+        return offset, offset
+    return row_offset, col_offset
+
+
+def same_tensor(a, b):
+    """Both None, or one tensor seen twice (same storage, shape, strides and dtype)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)

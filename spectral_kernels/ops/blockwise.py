@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ._layout import compute_dtype as _compute_dtype, flat, reduce_heads, unflat
+from ._layout import compute_dtype as _compute_dtype, flat, reduce_heads, same_tensor, symmetric_offsets_args, unflat
 
 __all__ = ["matmul", "logsumexp", "logsumexp_rows_and_cols", "symmetric_matmul", "matmul_pair", "tile_sizes"]
 
@@ -135,7 +135,7 @@ def _tile_logsumexp(s):
 
 def logsumexp(q, k, *, scale, col_offset=None, tile_elements=None):
     """r_i = log Σ_j exp(S_ij − β_j), accumulated tile by tile."""
-    if col_offset is None and _same_tensor(q, k):
+    if col_offset is None and same_tensor(q, k):
         return _symmetric_logsumexp(q, scale, tile_elements)
     groups = q.shape[0]
     dtype = _compute_dtype(q, k)
@@ -215,7 +215,7 @@ def _symmetric_logsumexp(q, scale, tile_elements):
 def logsumexp_rows_and_cols(q, k, *, scale, tile_elements=None):
     """(r, c): r_i = log Σ_j exp(S_ij), c_j = log Σ_i exp(S_ij), from one pass over the tiles
     (two row-LSE passes otherwise, one with q and k swapped)."""
-    if _same_tensor(q, k):
+    if same_tensor(q, k):
         r = _symmetric_logsumexp(q, scale, tile_elements)
         return r, r
     groups = q.shape[0]
@@ -237,22 +237,23 @@ def logsumexp_rows_and_cols(q, k, *, scale, tile_elements=None):
     return unflat(rows_out, groups), unflat(cols_out, groups)
 
 
-def _same_tensor(a, b):
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
-
-
-def symmetric_matmul(q, k, x, *, scale, offset=None, head_weights=None,
+def symmetric_matmul(q, k, x, *, scale, offset=None, row_offset=None, col_offset=None, head_weights=None,
                      tile_elements=None):
-    """½(E + Eᵀ)·X, E_ij = exp(S_ij − a_i − a_j), in one pass over the S tiles.
+    """½(E + Eᵀ)·X, E_ij = exp(S_ij − α_i − β_j), in one pass over the S tiles.
 
-    Each tile feeds both the row accumulator (E·X) and the column accumulator (Eᵀ·X).
-    When q and k are the same tensor (VV graphs) S is symmetric, so only the tiles on or
-    above the diagonal are computed and each off-diagonal tile is used twice.
+    ``offset`` = a is the NCut form α = β = a; ``row_offset`` / ``col_offset`` set α, β
+    apart (½(E + Eᵀ) is symmetric either way). Each tile feeds both the row accumulator
+    (E·X) and the column accumulator (Eᵀ·X). When q and k are the same tensor and α = β
+    (VV graphs) E is symmetric, so only the tiles on or above the diagonal are computed
+    and each off-diagonal tile is used twice.
     """
     groups = q.shape[0]
     dtype = _compute_dtype(q, k, x)
-    symmetric_scores = _same_tensor(q, k)
-    q, k, x, offset = flat(q).to(dtype), flat(k).to(dtype), flat(x).to(dtype), _cast(flat(offset), dtype)
+    alpha, beta = symmetric_offsets_args(offset, row_offset, col_offset)
+    symmetric_scores = same_tensor(q, k) and same_tensor(alpha, beta)
+    q, k, x = flat(q).to(dtype), flat(k).to(dtype), flat(x).to(dtype)
+    alpha = _cast(flat(alpha), dtype)
+    beta = alpha if symmetric_scores else _cast(flat(beta), dtype)
     batch, n, _ = q.shape
     width = x.shape[2]
     y = torch.empty(batch, n, width, dtype=dtype, device=q.device)
@@ -260,7 +261,7 @@ def symmetric_matmul(q, k, x, *, scale, offset=None, head_weights=None,
     # while pᵀ·xᵢ (a transposed tile operand) runs about twice slower on CPU.
     y_cols = torch.zeros(batch, width, n, dtype=dtype, device=q.device)
     edge = _square_tile(batch, n, tile_elements)
-    tiles = _ScoreTiles(q, k, scale, edge, edge, offset, offset)
+    tiles = _ScoreTiles(q, k, scale, edge, edge, alpha, beta)
     col_part = _Buffer(batch, width, edge, dtype, q.device)
     for i0 in range(0, n, edge):
         i1 = min(i0 + edge, n)

@@ -18,6 +18,8 @@ import importlib
 import torch
 import torch.nn.functional as F
 
+from ._layout import same_tensor, symmetric_offsets_args
+
 __all__ = ["is_available", "matmul", "logsumexp", "symmetric_matmul", "choose_over_triton", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 256  # the kernels are templated on d padded to 32, 64, 128 or 256
@@ -92,11 +94,6 @@ def _float32(t):
     return None if t is None else t.to(torch.float32).contiguous()
 
 
-def _same_tensor(a, b):
-    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-                      and a.dtype == b.dtype)
-
-
 # --------------------------------------------------------------------------- backend contract
 def matmul(q, k, x, *, scale, row_offset=None, col_offset=None, normalize="none", head_weights=None):
     """Y = Σ_j exp(S_ij − α_i − β_j) X_j or the row softmax form; returns (Y fp32, LSE or None)."""
@@ -114,14 +111,20 @@ def logsumexp(q, k, *, scale, col_offset=None):
     return _ext().affinity_logsumexp(_features(q), _features(k), _float32(col_offset), float(scale))
 
 
-def symmetric_matmul(q, k, x, *, scale, offset=None, head_weights=None):
-    """½(E + Eᵀ)·X with E_ij = exp(S_ij − a_i − a_j), one pass; half the tiles when q is k."""
+def symmetric_matmul(q, k, x, *, scale, offset=None, row_offset=None, col_offset=None, head_weights=None):
+    """½(E + Eᵀ)·X with E_ij = exp(S_ij − α_i − β_j); one pass (half the tiles when q is k)
+    for α = β, the two row products ½(E·X + Eᵀ·X) otherwise (the kernels read one offset)."""
     _check_features(q)
-    same = _same_tensor(q, k)
+    alpha, beta = symmetric_offsets_args(offset, row_offset, col_offset)
+    if not same_tensor(alpha, beta):
+        y, _ = matmul(q, k, x, scale=scale, row_offset=alpha, col_offset=beta, head_weights=head_weights)
+        y_t, _ = matmul(k, q, x, scale=scale, row_offset=beta, col_offset=alpha, head_weights=head_weights)
+        return 0.5 * (y + y_t)
+    same = same_tensor(q, k)
     qc = _features(q)
     kc = qc if same else _features(k)
     width = x.shape[-1]
-    y = _ext().affinity_symmetric_matmul(qc, kc, _right_hand_side(x, q.dtype), _float32(offset),
+    y = _ext().affinity_symmetric_matmul(qc, kc, _right_hand_side(x, q.dtype), _float32(alpha),
                                          _float32(head_weights), float(scale), same)
     return y[..., :width]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._layout import compute_dtype as _compute_dtype, reduce_heads
+from ._layout import compute_dtype as _compute_dtype, reduce_heads, symmetric_offsets_args
 
 __all__ = ["matmul", "logsumexp", "symmetric_matmul", "matmul_pair"]
 
@@ -44,13 +44,16 @@ def logsumexp(q, k, *, scale, col_offset=None, dtype=None):
     return torch.logsumexp(s, dim=-1)
 
 
-def symmetric_matmul(q, k, x, *, scale, offset=None, head_weights=None, dtype=None):
-    """½(E + Eᵀ) X with E_ij = exp(S_ij - a_i - a_j)."""
+def symmetric_matmul(q, k, x, *, scale, offset=None, row_offset=None, col_offset=None, head_weights=None,
+                     dtype=None):
+    """½(E + Eᵀ) X with E_ij = exp(S_ij - α_i - β_j); ``offset`` = a means α = β = a."""
     dtype = dtype or _compute_dtype(q, k, x)
+    alpha, beta = symmetric_offsets_args(offset, row_offset, col_offset)
     s = _scores(q, k, scale, dtype)
-    if offset is not None:
-        a = offset.to(dtype)
-        s = s - a[..., :, None] - a[..., None, :]
+    if alpha is not None:
+        s = s - alpha.to(dtype)[..., :, None]
+    if beta is not None:
+        s = s - beta.to(dtype)[..., None, :]
     e = torch.exp(s)
     y = 0.5 * torch.matmul(e + e.transpose(-1, -2), x.to(dtype))
     return reduce_heads(y, head_weights)

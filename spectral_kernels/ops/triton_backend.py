@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from ._layout import same_tensor, symmetric_offsets_args
+
 try:
     import triton
 
@@ -45,8 +47,14 @@ _ROW_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8
 # columns: tall row blocks cut the column atomics (N²·m/BLOCK_ROWS in total).
 _SYMMETRIC_CONFIGS = [(128, 64, 8, 2), (256, 64, 8, 2), (128, 128, 8, 2), (256, 64, 8, 3), (128, 64, 4, 3),
                       (64, 64, 4, 3)]
+# The paired upper-triangle walk of the symmetric product (q ≠ k, or α ≠ β): two score
+# tiles live per step, so no 256-row blocks.
+_PAIRED_WALK_CONFIGS = [(128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)]
 # Pair product: the same trade-off as the symmetric one (column atomics N·M·m/BLOCK_ROWS).
 _PAIR_CONFIGS = _SYMMETRIC_CONFIGS
+# SPECTRAL_KERNELS_SYMMETRIC_WALK: "auto" lets the autotuner choose between the rectangle
+# and the paired walk where both apply; "rect" / "paired" force one (tests, benchmarks).
+SYMMETRIC_WALKS = ("auto", "rect", "paired")
 _INTERPRETER_BLOCK = 16
 
 
@@ -55,13 +63,14 @@ def _autotune_enabled() -> bool:
     return os.environ.get("SPECTRAL_KERNELS_TRITON_AUTOTUNE", "1") != "0"
 
 
-def _configs(table, tuned, interpreter_rows):
+def _configs(table, tuned, interpreter_rows, **fixed):
     """Autotune candidates from a (rows, cols, warps, stages) table; one small tile when
-    interpreted (``interpreter_rows`` × the column tile), the first entry when not tuned."""
+    interpreted (``interpreter_rows`` × the column tile), the first entry when not tuned.
+    ``fixed`` constexprs are set in every candidate."""
     if _interpreted():
-        return [triton.Config({"BLOCK_ROWS": interpreter_rows, "BLOCK_COLS": _INTERPRETER_BLOCK},
+        return [triton.Config({"BLOCK_ROWS": interpreter_rows, "BLOCK_COLS": _INTERPRETER_BLOCK, **fixed},
                               num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_ROWS": r, "BLOCK_COLS": c}, num_warps=w, num_stages=s)
+    return [triton.Config({"BLOCK_ROWS": r, "BLOCK_COLS": c, **fixed}, num_warps=w, num_stages=s)
             for r, c, w, s in (table if tuned else table[:1])]
 
 
@@ -69,9 +78,17 @@ def _row_configs(tuned):
     return _configs(_ROW_CONFIGS, tuned, _INTERPRETER_BLOCK)
 
 
-def _symmetric_configs(tuned):
+def _symmetric_configs(tuned, walk):
+    """Candidates of one walk; "auto" = the rectangle walk's, plus the paired walk's when
+    tuned (the pruning drops them where q is k and α = β)."""
     # Rows = 2 × columns: the interpreter tests cover a diagonal band of several tiles.
-    return _configs(_SYMMETRIC_CONFIGS, tuned, 2 * _INTERPRETER_BLOCK)
+    rect = _configs(_SYMMETRIC_CONFIGS, tuned, 2 * _INTERPRETER_BLOCK, PAIRED=False)
+    paired = _configs(_PAIRED_WALK_CONFIGS, tuned, 2 * _INTERPRETER_BLOCK, PAIRED=True)
+    if walk == "rect":
+        return rect
+    if walk == "paired":
+        return paired
+    return rect + paired if tuned and not _interpreted() else rect
 
 
 def _pair_configs(tuned):
@@ -93,12 +110,27 @@ def _fits_registers(configs, named_args, **kwargs):
     return small or [min(configs, key=rows)]
 
 
+def _prune_symmetric(configs, named_args, **kwargs):
+    """Where q is k and α = β the kernel ignores PAIRED: keep one copy of each candidate."""
+    if kwargs.get("SAME_QK"):
+        configs = [c for c in configs if not c.kwargs.get("PAIRED")] or configs
+    return _fits_registers(configs, named_args, **kwargs)
+
+
+def _symmetric_walk():
+    walk = os.environ.get("SPECTRAL_KERNELS_SYMMETRIC_WALK", "auto")
+    if walk not in SYMMETRIC_WALKS:
+        raise ValueError(f"SPECTRAL_KERNELS_SYMMETRIC_WALK must be one of {SYMMETRIC_WALKS}, got {walk!r}")
+    return walk
+
+
 def _even(size, block):
     return lambda args: args[size] % args[block] == 0
 
 
 def _tuned_kernels(tuned):
-    """(row product, logsumexp, symmetric, pair) wrapped in autotune + the EVEN_* heuristics."""
+    """(row product, logsumexp, {walk: symmetric}, pair) wrapped in autotune + the EVEN_*
+    heuristics (one autotuner per symmetric walk; they share the compiled kernels)."""
     prune = {"early_config_prune": _fits_registers}
     even_rows_cols = triton.heuristics({"EVEN_ROWS": _even("N", "BLOCK_ROWS"), "EVEN_COLS": _even("M", "BLOCK_COLS")})
     row_product = triton.autotune(
@@ -108,11 +140,15 @@ def _tuned_kernels(tuned):
     logsumexp = triton.autotune(
         configs=_row_configs(tuned), prune_configs_by=prune, key=["N", "M", "D", "HAS_COL_OFFSET"],
     )(even_rows_cols(_k._logsumexp_kernel))
-    symmetric = triton.autotune(
-        configs=_symmetric_configs(tuned), prune_configs_by=prune,
-        key=["N", "D", "W", "HAS_OFFSET", "HEAD_SUM", "SAME_QK", "PX_MODE"], reset_to_zero=["Y"],
-    )(triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_ROWS"] == 0
-                         and args["N"] % args["BLOCK_COLS"] == 0})(_k._symmetric_kernel))
+    even_n = triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_ROWS"] == 0
+                                and args["N"] % args["BLOCK_COLS"] == 0})
+    symmetric = {
+        walk: triton.autotune(
+            configs=_symmetric_configs(tuned, walk), prune_configs_by={"early_config_prune": _prune_symmetric},
+            key=["N", "D", "W", "HAS_ROW_OFFSET", "HAS_COL_OFFSET", "HEAD_SUM", "SAME_QK", "PX_MODE"],
+            reset_to_zero=["Y"],
+        )(even_n(_k._symmetric_kernel))
+        for walk in SYMMETRIC_WALKS}
     pair = triton.autotune(
         configs=_pair_configs(tuned), prune_configs_by=prune,
         key=["N", "M", "D", "W", "HAS_ROW_OFFSET", "HAS_COL_OFFSET", "PX_MODE", "PW_MODE"], reset_to_zero=["YT"],
@@ -224,11 +260,6 @@ def _grid(entries, n, block_name):
     return lambda meta: (triton.cdiv(n, meta[block_name]) * entries,)
 
 
-def _same_tensor(a, b):
-    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-            and a.dtype == b.dtype)
-
-
 # --------------------------------------------------------------------------- backend functions
 def matmul(q, k, x, *, scale, row_offset=None, col_offset=None, normalize="none", head_weights=None):
     """Y_i = Σ_j exp(τ q_i·k_j − α_i − β_j)·X_j, or softmax rows; returns (Y fp32, LSE or None).
@@ -276,13 +307,17 @@ def logsumexp(q, k, *, scale, col_offset=None):
     return lse
 
 
-def symmetric_matmul(q, k, x, *, scale, offset=None, head_weights=None):
-    """½(E + Eᵀ)·X with E_ij = exp(τ q_i·k_j − a_i − a_j), one pass over the score tiles.
+def symmetric_matmul(q, k, x, *, scale, offset=None, row_offset=None, col_offset=None, head_weights=None):
+    """½(E + Eᵀ)·X with E_ij = exp(τ q_i·k_j − α_i − β_j), one pass over the score tiles.
 
-    When q and k are the same tensor (same storage, shape and strides) only the tiles on
-    or above the diagonal are computed. Returns (G, H, N, m), or (G, N, m) with weights.
+    ``offset`` = a means α = β = a. When q and k are the same tensor (same storage, shape
+    and strides) and α = β only the tiles on or above the diagonal are computed; otherwise
+    the autotuner picks the rectangle or the paired walk (SPECTRAL_KERNELS_SYMMETRIC_WALK
+    forces one). Returns (G, H, N, m), or (G, N, m) with weights.
     """
-    g, h, n, m_tokens, d, width = _check_layout(q, k, x, row_offset=offset, head_weights=head_weights)
+    alpha, beta = symmetric_offsets_args(offset, row_offset, col_offset)
+    g, h, n, m_tokens, d, width = _check_layout(q, k, x, row_offset=alpha, col_offset=beta,
+                                                head_weights=head_weights)
     if m_tokens != n:
         raise ValueError(f"the symmetric product needs q and k with the same number of tokens, got {n} and {m_tokens}")
     x = x.expand(g, h, n, width)
@@ -291,15 +326,16 @@ def symmetric_matmul(q, k, x, *, scale, offset=None, head_weights=None):
     if n == 0 or width == 0:
         return y
     y_strides = (y.stride(0), 0, y.stride(1), y.stride(2)) if head_sum else y.stride()
-    kernel = _kernels()[2]
+    kernel = _kernels()[2][_symmetric_walk()]
     for c0, c1 in _width_chunks(width):
         # Autotuning trials add into Y; reset_to_zero=["Y"] zeroes this slice before each
         # trial and again before the real launch (Triton 3.6 and 3.9 alike).
         kernel[_grid(g if head_sum else g * h, n, "BLOCK_ROWS")](
-            q, k, x[..., c0:c1], _ptr(offset, q), _ptr(head_weights, q), y[..., c0:c1],
-            *q.stride(), *k.stride(), *x.stride(), *_strides(offset, 3), *y_strides,
+            q, k, x[..., c0:c1], _ptr(alpha, q), _ptr(beta, q), _ptr(head_weights, q), y[..., c0:c1],
+            *q.stride(), *k.stride(), *x.stride(), *_strides(alpha, 3), *_strides(beta, 3), *y_strides,
             h, n, float(scale) * _k.LOG2E,
-            D=d, W=c1 - c0, HAS_OFFSET=offset is not None, HEAD_SUM=head_sum, SAME_QK=_same_tensor(q, k),
+            D=d, W=c1 - c0, HAS_ROW_OFFSET=alpha is not None, HAS_COL_OFFSET=beta is not None, HEAD_SUM=head_sum,
+            SAME_QK=same_tensor(q, k) and same_tensor(alpha, beta),
             BLOCK_D=_block(d), BLOCK_W=_block(c1 - c0), **_dtype_flags(q, x))
     return y
 

@@ -4,7 +4,9 @@
                           with the row LSE; optionally Σ_h w_h·Y_h over the heads in-kernel
     _logsumexp_kernel     r_i = log Σ_j exp(S_ij − β_j) (online)
     _symmetric_kernel     ½(E + Eᵀ)·X in one pass: rows accumulate in registers, the Eᵀ·X
-                          part of each tile goes to the column rows by atomic adds
+                          part of each tile goes to the column rows by atomic adds; an
+                          upper-triangle walk where E is symmetric (q is k) or over the
+                          symmetric pair tiles E_IJ + (E_JI)ᵀ (PAIRED)
     _pair_kernel          (E·X, Eᵀ·W) in one pass, E_ij = exp(S_ij − α_i − β_j), N ≠ M
                           allowed: the symmetric kernel's row-plus-atomic-column walk over
                           the full rectangle of tiles, with a separate W for the columns
@@ -253,62 +255,96 @@ def _logsumexp_kernel(Q, K, COL_OFFSET, LSE,
 
 # --------------------------------------------------------------------------- symmetric product
 @triton.jit
-def _symmetric_tile(q, a_rows, k_base, x_base, off_base, rows, cols, dims, lanes,
-                    sk_n, sk_d, sx_n, sx_w, so_n, N, scale_log2,
-                    D: tl.constexpr, W: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                    QK_IEEE: tl.constexpr, UPCAST_BF16: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_N: tl.constexpr):
-    """E tile exp(S − a_i − a_j) (zero outside N×N) and the X rows of its columns."""
-    k_t = tl.trans(_load_tile(k_base, cols, dims, sk_n, sk_d, N, D, EVEN_N, D == BLOCK_D, UPCAST_BF16))
-    s = _scores_log2(q, k_t, scale_log2, QK_IEEE)
-    if HAS_OFFSET:
-        s -= a_rows[:, None] + _load_vector_log2(off_base, cols, so_n, N, EVEN_N)[None, :]
+def _exp_tile(lhs, rhs_base, row_shift, col_shift_base, rows, cols, dims, s_n, s_d, sc_n, N, scale_log2,
+              D: tl.constexpr, HAS_ROW_SHIFT: tl.constexpr, HAS_COL_SHIFT: tl.constexpr,
+              QK_IEEE: tl.constexpr, UPCAST_BF16: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr):
+    """exp(τ·lhs·rhs[cols]ᵀ − shift_i − shift_j) for one tile (shifts in log2 units; absent
+    ones cost nothing), zero outside N×N."""
+    rhs_t = tl.trans(_load_tile(rhs_base, cols, dims, s_n, s_d, N, D, EVEN_N, D == BLOCK_D, UPCAST_BF16))
+    s = _scores_log2(lhs, rhs_t, scale_log2, QK_IEEE)
+    if HAS_ROW_SHIFT:
+        s -= row_shift[:, None]
+    if HAS_COL_SHIFT:
+        s -= _load_vector_log2(col_shift_base, cols, sc_n, N, EVEN_N)[None, :]
     if not EVEN_N:
         # Padded rows feed the column sums and padded columns the row sums: both must be 0.
         s = tl.where((rows < N)[:, None] & (cols < N)[None, :], s, float("-inf"))
-    x_cols = _load_tile(x_base, cols, lanes, sx_n, sx_w, N, W, EVEN_N, W == BLOCK_W, UPCAST_BF16)
-    return tl.exp2(s), x_cols
+    return tl.exp2(s)
 
 
 @triton.jit
-def _symmetric_one_head(Q, K, X, OFFSET, y_base, g, hh, weight,
+def _symmetric_tile(q_rows, k_rows, alpha_rows, beta_rows, q_base, k_base, alpha_base, beta_base,
+                    rows, cols, dims, sq_n, sq_d, sk_n, sk_d, sa_n, sb_n, N, scale_log2,
+                    D: tl.constexpr, HAS_ROW_OFFSET: tl.constexpr, HAS_COL_OFFSET: tl.constexpr,
+                    SAME_QK: tl.constexpr, PAIRED: tl.constexpr, QK_IEEE: tl.constexpr,
+                    UPCAST_BF16: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr):
+    """E_IJ = exp(S_IJ − α_I − β_J), or with PAIRED (ignored when SAME_QK) the symmetric
+    pair tile T_IJ = E_IJ + (E_JI)ᵀ, whose second term is exp(τ K_I·Q_Jᵀ − β_I − α_J)."""
+    p = _exp_tile(q_rows, k_base, alpha_rows, beta_base, rows, cols, dims, sk_n, sk_d, sb_n, N, scale_log2,
+                  D, HAS_ROW_OFFSET, HAS_COL_OFFSET, QK_IEEE, UPCAST_BF16, BLOCK_D, EVEN_N)
+    if PAIRED and not SAME_QK:
+        p += _exp_tile(k_rows, q_base, beta_rows, alpha_base, rows, cols, dims, sq_n, sq_d, sa_n, N, scale_log2,
+                       D, HAS_COL_OFFSET, HAS_ROW_OFFSET, QK_IEEE, UPCAST_BF16, BLOCK_D, EVEN_N)
+    return p
+
+
+@triton.jit
+def _symmetric_one_head(Q, K, X, ROW_OFFSET, COL_OFFSET, y_base, g, hh, weight,
                         sq_g, sq_h, sq_n, sq_d, sk_g, sk_h, sk_n, sk_d,
-                        sx_g, sx_h, sx_n, sx_w, so_g, so_h, so_n, sy_n, sy_w,
+                        sx_g, sx_h, sx_n, sx_w, sa_g, sa_h, sa_n, sb_g, sb_h, sb_n, sy_n, sy_w,
                         row0, N, scale_log2,
-                        D: tl.constexpr, W: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                        SAME_QK: tl.constexpr, QK_IEEE: tl.constexpr, PX_MODE: tl.constexpr,
+                        D: tl.constexpr, W: tl.constexpr, HAS_ROW_OFFSET: tl.constexpr,
+                        HAS_COL_OFFSET: tl.constexpr, SAME_QK: tl.constexpr, PAIRED: tl.constexpr,
+                        QK_IEEE: tl.constexpr, PX_MODE: tl.constexpr,
                         UPCAST_BF16: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_N: tl.constexpr):
-    """Head (g, hh): adds weight·(Eᵀ·X) of the visited column tiles to Y (atomics) and
-    returns weight·(E·X) of the block's rows (not yet added)."""
+    """Head (g, hh): adds weight·(tileᵀ·X) of the visited column tiles to Y (atomics) and
+    returns weight·(tile·X) of the block's rows (not yet added)."""
     rows = row0 + tl.arange(0, BLOCK_ROWS)
     dims = tl.arange(0, BLOCK_D)
     lanes = tl.arange(0, BLOCK_W)
-    q = _load_tile(Q + g * sq_g + hh * sq_h, rows, dims, sq_n, sq_d, N, D, EVEN_N, D == BLOCK_D, UPCAST_BF16)
+    q_base = Q + g * sq_g + hh * sq_h
     k_base = K + g * sk_g + hh * sk_h
     x_base = X + g * sx_g + hh * sx_h
-    off_base = OFFSET + g * so_g + hh * so_h
+    alpha_base = ROW_OFFSET + g * sa_g + hh * sa_h
+    beta_base = COL_OFFSET + g * sb_g + hh * sb_h
+    q_rows = _load_tile(q_base, rows, dims, sq_n, sq_d, N, D, EVEN_N, D == BLOCK_D, UPCAST_BF16)
     x_rows = _load_tile(x_base, rows, lanes, sx_n, sx_w, N, W, EVEN_N, W == BLOCK_W, UPCAST_BF16)
-    if HAS_OFFSET:
-        a_rows = _load_vector_log2(off_base, rows, so_n, N, EVEN_N)
+    if HAS_ROW_OFFSET:
+        alpha_rows = _load_vector_log2(alpha_base, rows, sa_n, N, EVEN_N)
     else:
-        a_rows = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+        alpha_rows = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    k_rows = q_rows  # read only by the paired walk
+    beta_rows = alpha_rows
+    if PAIRED and not SAME_QK:
+        k_rows = _load_tile(k_base, rows, dims, sk_n, sk_d, N, D, EVEN_N, D == BLOCK_D, UPCAST_BF16)
+        if HAS_COL_OFFSET:
+            beta_rows = _load_vector_log2(beta_base, rows, sb_n, N, EVEN_N)
+        else:
+            beta_rows = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
     acc = tl.zeros([BLOCK_ROWS, BLOCK_W], dtype=tl.float32)
     col_start = 0
-    if SAME_QK:
+    if SAME_QK or PAIRED:
+        # Upper triangle only: the tile is symmetric (E itself when q is k and α = β, the
+        # pair tile T otherwise). Inside the diagonal band every pair (i, j) is met as a
+        # row entry from both sides, so the band adds rows only.
         band_end = tl.minimum(row0 + BLOCK_ROWS, N)
         for col0 in range(row0, band_end, BLOCK_COLS):
             cols = col0 + tl.arange(0, BLOCK_COLS)
-            p, x_cols = _symmetric_tile(q, a_rows, k_base, x_base, off_base, rows, cols, dims, lanes,
-                                        sk_n, sk_d, sx_n, sx_w, so_n, N, scale_log2, D, W, HAS_OFFSET,
-                                        QK_IEEE, UPCAST_BF16, BLOCK_D, BLOCK_W, EVEN_N)
+            p = _symmetric_tile(q_rows, k_rows, alpha_rows, beta_rows, q_base, k_base, alpha_base, beta_base,
+                                rows, cols, dims, sq_n, sq_d, sk_n, sk_d, sa_n, sb_n, N, scale_log2,
+                                D, HAS_ROW_OFFSET, HAS_COL_OFFSET, SAME_QK, PAIRED, QK_IEEE, UPCAST_BF16,
+                                BLOCK_D, EVEN_N)
+            x_cols = _load_tile(x_base, cols, lanes, sx_n, sx_w, N, W, EVEN_N, W == BLOCK_W, UPCAST_BF16)
             acc = _dot_px(acc, p, x_cols, PX_MODE, UPCAST_BF16)
         col_start = row0 + BLOCK_ROWS
     for col0 in range(col_start, N, BLOCK_COLS):
         cols = col0 + tl.arange(0, BLOCK_COLS)
-        p, x_cols = _symmetric_tile(q, a_rows, k_base, x_base, off_base, rows, cols, dims, lanes,
-                                    sk_n, sk_d, sx_n, sx_w, so_n, N, scale_log2, D, W, HAS_OFFSET,
-                                    QK_IEEE, UPCAST_BF16, BLOCK_D, BLOCK_W, EVEN_N)
+        p = _symmetric_tile(q_rows, k_rows, alpha_rows, beta_rows, q_base, k_base, alpha_base, beta_base,
+                            rows, cols, dims, sq_n, sq_d, sk_n, sk_d, sa_n, sb_n, N, scale_log2,
+                            D, HAS_ROW_OFFSET, HAS_COL_OFFSET, SAME_QK, PAIRED, QK_IEEE, UPCAST_BF16,
+                            BLOCK_D, EVEN_N)
+        x_cols = _load_tile(x_base, cols, lanes, sx_n, sx_w, N, W, EVEN_N, W == BLOCK_W, UPCAST_BF16)
         acc = _dot_px(acc, p, x_cols, PX_MODE, UPCAST_BF16)
         col_part = _dot_px(tl.zeros([BLOCK_COLS, BLOCK_W], dtype=tl.float32), tl.trans(p), x_rows,
                            PX_MODE, UPCAST_BF16)
@@ -318,25 +354,30 @@ def _symmetric_one_head(Q, K, X, OFFSET, y_base, g, hh, weight,
 
 
 @triton.jit
-def _symmetric_kernel(Q, K, X, OFFSET, HEAD_WEIGHTS, Y,
+def _symmetric_kernel(Q, K, X, ROW_OFFSET, COL_OFFSET, HEAD_WEIGHTS, Y,
                       sq_g, sq_h, sq_n, sq_d, sk_g, sk_h, sk_n, sk_d,
-                      sx_g, sx_h, sx_n, sx_w, so_g, so_h, so_n, sy_g, sy_h, sy_n, sy_w,
+                      sx_g, sx_h, sx_n, sx_w, sa_g, sa_h, sa_n, sb_g, sb_h, sb_n, sy_g, sy_h, sy_n, sy_w,
                       H, N, scale_log2,
-                      D: tl.constexpr, W: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                      HEAD_SUM: tl.constexpr, SAME_QK: tl.constexpr,
-                      QK_IEEE: tl.constexpr, PX_MODE: tl.constexpr, UPCAST_BF16: tl.constexpr,
-                      BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                      D: tl.constexpr, W: tl.constexpr, HAS_ROW_OFFSET: tl.constexpr,
+                      HAS_COL_OFFSET: tl.constexpr, HEAD_SUM: tl.constexpr, SAME_QK: tl.constexpr,
+                      PAIRED: tl.constexpr, QK_IEEE: tl.constexpr, PX_MODE: tl.constexpr,
+                      UPCAST_BF16: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_N: tl.constexpr):
-    """Y += the rows' E·X (once, at the end) and, tile by tile, the columns' Eᵀ·X (atomics).
+    """Y += the rows' part (once, at the end) and, tile by tile, the columns' part (atomics)
+    of ½(E + Eᵀ)·X, E_ij = exp(S_ij − α_i − β_j).
 
-    Y must be zero on entry. BLOCK_ROWS is a multiple of BLOCK_COLS. Column atomics per
-    program scale with N·m, so taller row blocks mean fewer atomics in total (N²·m/BLOCK_ROWS).
+    Y must be zero on entry. BLOCK_ROWS is a multiple of BLOCK_COLS. Three walks:
 
-    With SAME_QK, S is symmetric and ½(E + Eᵀ) = E: a program visits only the columns from
-    its own first row on. Inside its diagonal band (columns of its own row block) every
-    pair (i, j) is met as a row entry from both sides, so the band adds rows only; beyond
-    the band each tile adds its rows and, by symmetry, its transpose to the columns.
-    Otherwise every tile adds both, each with the factor ½.
+    * SAME_QK (q is k and α = β, set by the launcher): E is symmetric and ½(E + Eᵀ) = E,
+      so a program visits only the columns from its own first row on, each tile adding its
+      rows and (beyond the diagonal band) its transpose to the columns;
+    * PAIRED (an autotuned walk for every other case): the same upper-triangle walk over
+      the symmetric pair tiles T_IJ = E_IJ + (E_JI)ᵀ, factor ½. Two score tiles and
+      exponentials per visit as before, but half the P·X products and half the column
+      atomics of the rectangle walk;
+    * otherwise the full rectangle of tiles, each adding both directions with factor ½.
+
+    Column atomics scale with N·m per program, so taller row blocks mean fewer in total.
     """
     row_blocks = tl.cdiv(N, BLOCK_ROWS)
     pid = tl.program_id(0)
@@ -354,20 +395,20 @@ def _symmetric_kernel(Q, K, X, OFFSET, HEAD_WEIGHTS, Y,
         for h in range(0, H):
             weight = tl.load(HEAD_WEIGHTS + h).to(tl.float32) * half
             total += _symmetric_one_head(
-                Q, K, X, OFFSET, y_base, g, tl.cast(h, tl.int64), weight,
+                Q, K, X, ROW_OFFSET, COL_OFFSET, y_base, g, tl.cast(h, tl.int64), weight,
                 sq_g, sq_h, sq_n, sq_d, sk_g, sk_h, sk_n, sk_d, sx_g, sx_h, sx_n, sx_w,
-                so_g, so_h, so_n, sy_n, sy_w, row0, N, scale_log2,
-                D, W, HAS_OFFSET, SAME_QK, QK_IEEE, PX_MODE, UPCAST_BF16,
+                sa_g, sa_h, sa_n, sb_g, sb_h, sb_n, sy_n, sy_w, row0, N, scale_log2,
+                D, W, HAS_ROW_OFFSET, HAS_COL_OFFSET, SAME_QK, PAIRED, QK_IEEE, PX_MODE, UPCAST_BF16,
                 BLOCK_ROWS, BLOCK_COLS, BLOCK_D, BLOCK_W, EVEN_N)
     else:
         g = (entry // H).to(tl.int64)
         hh = (entry % H).to(tl.int64)
         y_base = Y + g * sy_g + hh * sy_h
         total = _symmetric_one_head(
-            Q, K, X, OFFSET, y_base, g, hh, half,
+            Q, K, X, ROW_OFFSET, COL_OFFSET, y_base, g, hh, half,
             sq_g, sq_h, sq_n, sq_d, sk_g, sk_h, sk_n, sk_d, sx_g, sx_h, sx_n, sx_w,
-            so_g, so_h, so_n, sy_n, sy_w, row0, N, scale_log2,
-            D, W, HAS_OFFSET, SAME_QK, QK_IEEE, PX_MODE, UPCAST_BF16,
+            sa_g, sa_h, sa_n, sb_g, sb_h, sb_n, sy_n, sy_w, row0, N, scale_log2,
+            D, W, HAS_ROW_OFFSET, HAS_COL_OFFSET, SAME_QK, PAIRED, QK_IEEE, PX_MODE, UPCAST_BF16,
             BLOCK_ROWS, BLOCK_COLS, BLOCK_D, BLOCK_W, EVEN_N)
     tl.atomic_add(y_base + rows[:, None] * sy_n + lanes[None, :] * sy_w, total,
                   mask=(rows < N)[:, None] & (lanes < W)[None, :], sem="relaxed")
