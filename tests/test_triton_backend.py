@@ -152,11 +152,18 @@ def test_symmetric_walks_head_sum_strided_and_low_precision(rng, monkeypatch, wa
         _lowp_tolerance_check(y, _symmetric_ref(ql, kl, xl, 0.4, alpha), y_low)
 
 
-def test_symmetric_walk_setting_is_checked(rng, monkeypatch):
-    monkeypatch.setenv("SPECTRAL_KERNELS_SYMMETRIC_WALK", "diagonal")
+def test_kernel_settings_are_checked(rng, monkeypatch):
     q, x = _randn(rng, 1, 1, 7, 4), _randn(rng, 1, 1, 7, 2)
+    monkeypatch.setenv("SPECTRAL_KERNELS_SYMMETRIC_WALK", "diagonal")
     with pytest.raises(ValueError, match="SPECTRAL_KERNELS_SYMMETRIC_WALK"):
         tb.symmetric_matmul(q, q.clone(), x, scale=0.5)
+    monkeypatch.delenv("SPECTRAL_KERNELS_SYMMETRIC_WALK")
+    monkeypatch.setenv("SPECTRAL_KERNELS_FP32_DOT", "tf32")  # plain tf32 is not fp32 accuracy
+    with pytest.raises(ValueError, match="SPECTRAL_KERNELS_FP32_DOT"):
+        tb.matmul(q, q, x, scale=0.5)
+    monkeypatch.setenv("SPECTRAL_KERNELS_FP32_DOT", "ieee")
+    y, _ = tb.matmul(q, q, x, scale=0.5)
+    assert _err(y, reference.matmul(*_f64(q, q, x), scale=0.5)[0]) < 1e-5
 
 
 def test_symmetric_head_sum(rng):
@@ -518,12 +525,13 @@ def compile_hopper(fn, constexprs, num_warps, num_stages):
     assert "wgmma.mma_async" in ptx, fn.__name__  # Hopper tensor cores, not the mma.sync path
     return ptx
 
-common = dict(D=64, W=32, BLOCK_D=64, BLOCK_W=32, QK_IEEE=False, PX_MODE=K.PX_BF16, UPCAST_BF16=False)
+common = dict(D=64, W=32, BLOCK_D=64, BLOCK_W=32, QK_FP32=False, DOT_FP32="tf32x3", PX_MODE=K.PX_BF16,
+              UPCAST_BF16=False)
 compile_hopper(K._row_product_kernel, dict(common, HAS_ROW_OFFSET=False, HAS_COL_OFFSET=False, NORMALIZE=True,
                HEAD_SUM=False, RAW_MAX=True, BLOCK_ROWS=128, BLOCK_COLS=64, EVEN_ROWS=True, EVEN_COLS=True), 4, 3)
 compile_hopper(K._row_product_kernel, dict(common, HAS_ROW_OFFSET=True, HAS_COL_OFFSET=True, NORMALIZE=False,
                HEAD_SUM=True, RAW_MAX=False, BLOCK_ROWS=128, BLOCK_COLS=128, EVEN_ROWS=False, EVEN_COLS=False), 8, 3)
-compile_hopper(K._logsumexp_kernel, dict(D=64, HAS_COL_OFFSET=True, QK_IEEE=False, UPCAST_BF16=False,
+compile_hopper(K._logsumexp_kernel, dict(D=64, HAS_COL_OFFSET=True, QK_FP32=False, DOT_FP32="tf32x3", UPCAST_BF16=False,
                BLOCK_ROWS=128, BLOCK_COLS=64, BLOCK_D=64, EVEN_ROWS=False, EVEN_COLS=False), 4, 3)
 for same, paired in ((True, False), (False, False), (False, True)):
     ptx = compile_hopper(K._symmetric_kernel, dict(common, HAS_ROW_OFFSET=True, HAS_COL_OFFSET=same or paired,
@@ -534,6 +542,16 @@ for even in (True, False):
     ptx = compile_hopper(K._pair_kernel, dict(common, PW_MODE=K.PX_BF16, HAS_ROW_OFFSET=True, HAS_COL_OFFSET=not even,
                          BLOCK_ROWS=128, BLOCK_COLS=64, EVEN_ROWS=even, EVEN_COLS=even), 8, 2)
     assert "red.global" in ptx  # the column atomics of Eᵀ·W
+# fp32 operands: the default tf32x3 dots run on tensor cores (tf32 wgmma), ieee on FMAs
+POINTERS.update(Q="fp32", K="fp32", X="fp32")
+fp32 = dict(common, QK_FP32=True, PX_MODE=K.PX_FP32, HAS_ROW_OFFSET=True, HAS_COL_OFFSET=False, HEAD_SUM=False,
+            SAME_QK=False, PAIRED=True, BLOCK_ROWS=128, BLOCK_COLS=64, EVEN_N=False)
+ptx = compile_hopper(K._symmetric_kernel, fp32, 8, 2)
+assert ".tf32" in ptx
+ptx = compile_hopper(K._row_product_kernel, dict(common, QK_FP32=True, PX_MODE=K.PX_FP32, HAS_ROW_OFFSET=False,
+                     HAS_COL_OFFSET=False, NORMALIZE=True, HEAD_SUM=False, RAW_MAX=True, BLOCK_ROWS=128,
+                     BLOCK_COLS=64, EVEN_ROWS=False, EVEN_COLS=False), 4, 3)
+assert ".tf32" in ptx
 print("compiled")
 """
 
@@ -567,6 +585,16 @@ def test_gpu_against_reference(rng, monkeypatch, dtype, n):
     x = _randn(rng, 1, heads, n, width, dtype=dtype)
     w = torch.rand(heads, generator=rng, dtype=torch.float64).to(DEVICE, torch.float32)
     q64, k64, x64 = _f64(q, k, x)
+    if dtype == torch.float32:
+        # Both fp32 dot precisions (tf32x3 is the default) reach fp32-level error (plain tf32: ~2e-3).
+        for mode in ("ieee", "tf32x3"):
+            monkeypatch.setenv("SPECTRAL_KERNELS_FP32_DOT", mode)
+            y, _ = tb.matmul(q, k, x, scale=0.125, normalize="row")
+            y_ref, _ = reference.matmul(q64, k64, x64, scale=0.125, normalize="row")
+            assert _err(y, y_ref) < 1e-4, mode
+            r = tb.logsumexp(q, k, scale=0.125)
+            y = tb.symmetric_matmul(q, k, x, scale=0.125, row_offset=r)
+            assert _err(y, reference.symmetric_matmul(q64, k64, x64, scale=0.125, row_offset=_f64(r)[0])) < 1e-4
     tol = 1e-4 if dtype == torch.float32 else 2e-2  # fp32: 1000-term sums; tf32 would give ~2e-3
     for hw in (None, w):
         y, _ = tb.matmul(q, k, x, scale=0.125, normalize="row", head_weights=hw)

@@ -55,6 +55,7 @@ _PAIR_CONFIGS = _SYMMETRIC_CONFIGS
 # SPECTRAL_KERNELS_SYMMETRIC_WALK: "auto" lets the autotuner choose between the rectangle
 # and the paired walk where both apply; "rect" / "paired" force one (tests, benchmarks).
 SYMMETRIC_WALKS = ("auto", "rect", "paired")
+FP32_DOTS = ("tf32x3", "ieee")
 _INTERPRETER_BLOCK = 16
 
 
@@ -135,23 +136,25 @@ def _tuned_kernels(tuned):
     even_rows_cols = triton.heuristics({"EVEN_ROWS": _even("N", "BLOCK_ROWS"), "EVEN_COLS": _even("M", "BLOCK_COLS")})
     row_product = triton.autotune(
         configs=_row_configs(tuned), prune_configs_by=prune,
-        key=["N", "M", "D", "W", "HAS_ROW_OFFSET", "HAS_COL_OFFSET", "NORMALIZE", "HEAD_SUM", "RAW_MAX", "PX_MODE"],
+        key=["N", "M", "D", "W", "HAS_ROW_OFFSET", "HAS_COL_OFFSET", "NORMALIZE", "HEAD_SUM", "RAW_MAX", "PX_MODE",
+             "DOT_FP32"],
     )(even_rows_cols(_k._row_product_kernel))
     logsumexp = triton.autotune(
-        configs=_row_configs(tuned), prune_configs_by=prune, key=["N", "M", "D", "HAS_COL_OFFSET"],
+        configs=_row_configs(tuned), prune_configs_by=prune, key=["N", "M", "D", "HAS_COL_OFFSET", "DOT_FP32"],
     )(even_rows_cols(_k._logsumexp_kernel))
     even_n = triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_ROWS"] == 0
                                 and args["N"] % args["BLOCK_COLS"] == 0})
     symmetric = {
         walk: triton.autotune(
             configs=_symmetric_configs(tuned, walk), prune_configs_by={"early_config_prune": _prune_symmetric},
-            key=["N", "D", "W", "HAS_ROW_OFFSET", "HAS_COL_OFFSET", "HEAD_SUM", "SAME_QK", "PX_MODE"],
+            key=["N", "D", "W", "HAS_ROW_OFFSET", "HAS_COL_OFFSET", "HEAD_SUM", "SAME_QK", "PX_MODE", "DOT_FP32"],
             reset_to_zero=["Y"],
         )(even_n(_k._symmetric_kernel))
         for walk in SYMMETRIC_WALKS}
     pair = triton.autotune(
         configs=_pair_configs(tuned), prune_configs_by=prune,
-        key=["N", "M", "D", "W", "HAS_ROW_OFFSET", "HAS_COL_OFFSET", "PX_MODE", "PW_MODE"], reset_to_zero=["YT"],
+        key=["N", "M", "D", "W", "HAS_ROW_OFFSET", "HAS_COL_OFFSET", "PX_MODE", "PW_MODE", "DOT_FP32"],
+        reset_to_zero=["YT"],
     )(even_rows_cols(_k._pair_kernel))
     return row_product, logsumexp, symmetric, pair
 
@@ -226,9 +229,19 @@ def _px_mode(x_dtype):
     return {torch.float32: _k.PX_FP32, torch.bfloat16: _k.PX_BF16, torch.float16: _k.PX_FP16}[x_dtype]
 
 
+def _fp32_dot():
+    """input_precision of fp32 dots: SPECTRAL_KERNELS_FP32_DOT, "tf32x3" (default: three
+    tensor-core tf32 products of the split operands, error at fp32 level) or "ieee" (SIMT
+    FMAs). Plain tf32 is not offered: its 2.4e-3 relative error is not fp32 accuracy."""
+    mode = os.environ.get("SPECTRAL_KERNELS_FP32_DOT", "tf32x3")
+    if mode not in FP32_DOTS:
+        raise ValueError(f"SPECTRAL_KERNELS_FP32_DOT must be one of {FP32_DOTS}, got {mode!r}")
+    return mode
+
+
 def _dtype_flags(q, x=None, w=None):
     """Constexprs choosing dot precision and the interpreter's bf16 widening."""
-    flags = {"QK_IEEE": q.dtype == torch.float32,
+    flags = {"QK_FP32": q.dtype == torch.float32, "DOT_FP32": _fp32_dot(),
              "UPCAST_BF16": _interpreted() and any(t is not None and t.dtype == torch.bfloat16 for t in (q, x, w))}
     if x is not None:
         flags["PX_MODE"] = _px_mode(x.dtype)

@@ -17,7 +17,10 @@ folded into the scale and the offsets. Everything accumulates in fp32.
 
 Precision of the two dots (``*_MODE`` constexprs chosen by the launcher; the pair
 kernel's Eᵀ·W dot follows the same rule by w's dtype, PW_MODE):
-    fp32 operands           input_precision="ieee" (tf32 would cost 2.4e-3 relative error)
+    fp32 operands           input_precision=DOT_FP32: "tf32x3" by default on a GPU (three
+                            tf32 tensor-core products of the split operands, fp32-level
+                            error) or "ieee" (SIMT FMAs); never plain tf32, whose 2.4e-3
+                            relative error breaks fp32 accuracy
     bf16 operands           tensor cores; p is rounded to bf16 for the P·X dot
     fp16 x                  P·X in tf32: same mantissa as fp16, but exp(s) > 65504 (s > 11,
                             easy without offsets) cannot overflow to inf and make 0·inf = NaN
@@ -38,7 +41,7 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 # Dot modes for the P·X product, by the dtype of x.
-PX_FP32 = 0   # x fp32: p fp32, ieee
+PX_FP32 = 0   # x fp32: p fp32, DOT_FP32 precision
 PX_BF16 = 1   # x bf16: p rounded to bf16, tensor cores
 PX_FP16 = 2   # x fp16: p fp32, x widened, tf32
 
@@ -74,24 +77,24 @@ def _load_vector_log2(base, idx, stride, n_idx, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _dot_qk(q, k_t, QK_IEEE: tl.constexpr):
+def _dot_qk(q, k_t, QK_FP32: tl.constexpr, DOT_FP32: tl.constexpr):
     """q kᵀ for one tile, fp32 (unscaled)."""
-    if QK_IEEE:
-        return tl.dot(q, k_t, input_precision="ieee")
+    if QK_FP32:
+        return tl.dot(q, k_t, input_precision=DOT_FP32)
     return tl.dot(q, k_t)
 
 
 @triton.jit
-def _scores_log2(q, k_t, scale_log2, QK_IEEE: tl.constexpr):
+def _scores_log2(q, k_t, scale_log2, QK_FP32: tl.constexpr, DOT_FP32: tl.constexpr):
     """log2(e)·τ·q kᵀ for one tile, fp32."""
-    return _dot_qk(q, k_t, QK_IEEE) * scale_log2
+    return _dot_qk(q, k_t, QK_FP32, DOT_FP32) * scale_log2
 
 
 @triton.jit
-def _dot_px(acc, p, x, PX_MODE: tl.constexpr, UPCAST_BF16: tl.constexpr):
+def _dot_px(acc, p, x, PX_MODE: tl.constexpr, UPCAST_BF16: tl.constexpr, DOT_FP32: tl.constexpr):
     """acc + p·x with the precision rule of the module docstring."""
     if PX_MODE == 0:
-        acc = tl.dot(p, x, acc, input_precision="ieee")
+        acc = tl.dot(p, x, acc, input_precision=DOT_FP32)
     elif PX_MODE == 2:
         acc = tl.dot(p, x.to(tl.float32), acc, input_precision="tf32")
     else:
@@ -111,7 +114,8 @@ def _row_block_one_head(Q, K, X, ROW_OFFSET, COL_OFFSET, LSE, g, hh,
                         rows, N, M, scale_log2,
                         D: tl.constexpr, W: tl.constexpr,
                         HAS_ROW_OFFSET: tl.constexpr, HAS_COL_OFFSET: tl.constexpr,
-                        NORMALIZE: tl.constexpr, RAW_MAX: tl.constexpr, QK_IEEE: tl.constexpr,
+                        NORMALIZE: tl.constexpr, RAW_MAX: tl.constexpr,
+                        QK_FP32: tl.constexpr, DOT_FP32: tl.constexpr,
                         PX_MODE: tl.constexpr, UPCAST_BF16: tl.constexpr,
                         BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
@@ -137,7 +141,7 @@ def _row_block_one_head(Q, K, X, ROW_OFFSET, COL_OFFSET, LSE, g, hh,
         cols = col0 + tl.arange(0, BLOCK_COLS)
         # Kᵀ tile loaded transposed: (BLOCK_D, BLOCK_COLS).
         k_t = tl.trans(_load_tile(k_ptr, cols, dims, sk_n, sk_d, M, D, EVEN_COLS, D == BLOCK_D, UPCAST_BF16))
-        qk = _dot_qk(q, k_t, QK_IEEE)
+        qk = _dot_qk(q, k_t, QK_FP32, DOT_FP32)
         if RAW_MAX:
             # τ > 0 and no β: max(τ·qk) = τ·max(qk), so the scaling fuses into the exponent's
             # FMA (one fp32 op per score fewer; the FP32 pipe competes with exp2 here).
@@ -163,7 +167,7 @@ def _row_block_one_head(Q, K, X, ROW_OFFSET, COL_OFFSET, LSE, g, hh,
             row_sum = row_sum * correction + tl.sum(p, 1)
             acc = acc * correction[:, None]
             row_max = new_max
-        acc = _dot_px(acc, p, x, PX_MODE, UPCAST_BF16)
+        acc = _dot_px(acc, p, x, PX_MODE, UPCAST_BF16, DOT_FP32)
     if NORMALIZE:
         acc = acc / row_sum[:, None]
         if HAS_ROW_OFFSET:
@@ -182,7 +186,8 @@ def _row_product_kernel(Q, K, X, ROW_OFFSET, COL_OFFSET, HEAD_WEIGHTS, Y, LSE,
                         D: tl.constexpr, W: tl.constexpr,
                         HAS_ROW_OFFSET: tl.constexpr, HAS_COL_OFFSET: tl.constexpr,
                         NORMALIZE: tl.constexpr, HEAD_SUM: tl.constexpr, RAW_MAX: tl.constexpr,
-                        QK_IEEE: tl.constexpr, PX_MODE: tl.constexpr, UPCAST_BF16: tl.constexpr,
+                        QK_FP32: tl.constexpr, DOT_FP32: tl.constexpr, PX_MODE: tl.constexpr,
+                        UPCAST_BF16: tl.constexpr,
                         BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
                         EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
@@ -200,7 +205,7 @@ def _row_product_kernel(Q, K, X, ROW_OFFSET, COL_OFFSET, HEAD_WEIGHTS, Y, LSE,
                 Q, K, X, ROW_OFFSET, COL_OFFSET, LSE, g, tl.cast(h, tl.int64),
                 sq_g, sq_h, sq_n, sq_d, sk_g, sk_h, sk_n, sk_d, sx_g, sx_h, sx_n, sx_w,
                 sa_g, sa_h, sa_n, sb_g, sb_h, sb_n, sl_g, sl_h, sl_n, rows, N, M, scale_log2,
-                D, W, HAS_ROW_OFFSET, HAS_COL_OFFSET, NORMALIZE, RAW_MAX, QK_IEEE, PX_MODE, UPCAST_BF16,
+                D, W, HAS_ROW_OFFSET, HAS_COL_OFFSET, NORMALIZE, RAW_MAX, QK_FP32, DOT_FP32, PX_MODE, UPCAST_BF16,
                 BLOCK_ROWS, BLOCK_COLS, BLOCK_D, BLOCK_W, EVEN_ROWS, EVEN_COLS)
             total += tl.load(HEAD_WEIGHTS + h).to(tl.float32) * acc
         y_ptrs = Y + g * sy_g + rows[:, None] * sy_n + lanes[None, :] * sy_w
@@ -211,7 +216,7 @@ def _row_product_kernel(Q, K, X, ROW_OFFSET, COL_OFFSET, HEAD_WEIGHTS, Y, LSE,
             Q, K, X, ROW_OFFSET, COL_OFFSET, LSE, g, hh,
             sq_g, sq_h, sq_n, sq_d, sk_g, sk_h, sk_n, sk_d, sx_g, sx_h, sx_n, sx_w,
             sa_g, sa_h, sa_n, sb_g, sb_h, sb_n, sl_g, sl_h, sl_n, rows, N, M, scale_log2,
-            D, W, HAS_ROW_OFFSET, HAS_COL_OFFSET, NORMALIZE, RAW_MAX, QK_IEEE, PX_MODE, UPCAST_BF16,
+            D, W, HAS_ROW_OFFSET, HAS_COL_OFFSET, NORMALIZE, RAW_MAX, QK_FP32, DOT_FP32, PX_MODE, UPCAST_BF16,
             BLOCK_ROWS, BLOCK_COLS, BLOCK_D, BLOCK_W, EVEN_ROWS, EVEN_COLS)
         y_ptrs = Y + g * sy_g + hh * sy_h + rows[:, None] * sy_n + lanes[None, :] * sy_w
     tl.store(y_ptrs, total, mask=(rows < N)[:, None] & (lanes < W)[None, :])
@@ -222,7 +227,7 @@ def _row_product_kernel(Q, K, X, ROW_OFFSET, COL_OFFSET, HEAD_WEIGHTS, Y, LSE,
 def _logsumexp_kernel(Q, K, COL_OFFSET, LSE,
                       sq_g, sq_h, sq_n, sq_d, sk_g, sk_h, sk_n, sk_d, sb_g, sb_h, sb_n,
                       sl_g, sl_h, sl_n, H, N, M, scale_log2,
-                      D: tl.constexpr, HAS_COL_OFFSET: tl.constexpr, QK_IEEE: tl.constexpr,
+                      D: tl.constexpr, HAS_COL_OFFSET: tl.constexpr, QK_FP32: tl.constexpr, DOT_FP32: tl.constexpr,
                       UPCAST_BF16: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
                       BLOCK_D: tl.constexpr, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
     row_blocks = tl.cdiv(N, BLOCK_ROWS)
@@ -241,7 +246,7 @@ def _logsumexp_kernel(Q, K, COL_OFFSET, LSE,
     for col0 in range(0, M, BLOCK_COLS):
         cols = col0 + tl.arange(0, BLOCK_COLS)
         k_t = tl.trans(_load_tile(k_base, cols, dims, sk_n, sk_d, M, D, EVEN_COLS, D == BLOCK_D, UPCAST_BF16))
-        s = _scores_log2(q, k_t, scale_log2, QK_IEEE)
+        s = _scores_log2(q, k_t, scale_log2, QK_FP32, DOT_FP32)
         if HAS_COL_OFFSET:
             s -= _load_vector_log2(b_base, cols, sb_n, M, EVEN_COLS)[None, :]
         if not EVEN_COLS:
@@ -257,11 +262,12 @@ def _logsumexp_kernel(Q, K, COL_OFFSET, LSE,
 @triton.jit
 def _exp_tile(lhs, rhs_base, row_shift, col_shift_base, rows, cols, dims, s_n, s_d, sc_n, N, scale_log2,
               D: tl.constexpr, HAS_ROW_SHIFT: tl.constexpr, HAS_COL_SHIFT: tl.constexpr,
-              QK_IEEE: tl.constexpr, UPCAST_BF16: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr):
+              QK_FP32: tl.constexpr, DOT_FP32: tl.constexpr, UPCAST_BF16: tl.constexpr, BLOCK_D: tl.constexpr,
+              EVEN_N: tl.constexpr):
     """exp(τ·lhs·rhs[cols]ᵀ − shift_i − shift_j) for one tile (shifts in log2 units; absent
     ones cost nothing), zero outside N×N."""
     rhs_t = tl.trans(_load_tile(rhs_base, cols, dims, s_n, s_d, N, D, EVEN_N, D == BLOCK_D, UPCAST_BF16))
-    s = _scores_log2(lhs, rhs_t, scale_log2, QK_IEEE)
+    s = _scores_log2(lhs, rhs_t, scale_log2, QK_FP32, DOT_FP32)
     if HAS_ROW_SHIFT:
         s -= row_shift[:, None]
     if HAS_COL_SHIFT:
@@ -276,15 +282,15 @@ def _exp_tile(lhs, rhs_base, row_shift, col_shift_base, rows, cols, dims, s_n, s
 def _symmetric_tile(q_rows, k_rows, alpha_rows, beta_rows, q_base, k_base, alpha_base, beta_base,
                     rows, cols, dims, sq_n, sq_d, sk_n, sk_d, sa_n, sb_n, N, scale_log2,
                     D: tl.constexpr, HAS_ROW_OFFSET: tl.constexpr, HAS_COL_OFFSET: tl.constexpr,
-                    SAME_QK: tl.constexpr, PAIRED: tl.constexpr, QK_IEEE: tl.constexpr,
+                    SAME_QK: tl.constexpr, PAIRED: tl.constexpr, QK_FP32: tl.constexpr, DOT_FP32: tl.constexpr,
                     UPCAST_BF16: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr):
     """E_IJ = exp(S_IJ − α_I − β_J), or with PAIRED (ignored when SAME_QK) the symmetric
     pair tile T_IJ = E_IJ + (E_JI)ᵀ, whose second term is exp(τ K_I·Q_Jᵀ − β_I − α_J)."""
     p = _exp_tile(q_rows, k_base, alpha_rows, beta_base, rows, cols, dims, sk_n, sk_d, sb_n, N, scale_log2,
-                  D, HAS_ROW_OFFSET, HAS_COL_OFFSET, QK_IEEE, UPCAST_BF16, BLOCK_D, EVEN_N)
+                  D, HAS_ROW_OFFSET, HAS_COL_OFFSET, QK_FP32, DOT_FP32, UPCAST_BF16, BLOCK_D, EVEN_N)
     if PAIRED and not SAME_QK:
         p += _exp_tile(k_rows, q_base, beta_rows, alpha_base, rows, cols, dims, sq_n, sq_d, sa_n, N, scale_log2,
-                       D, HAS_COL_OFFSET, HAS_ROW_OFFSET, QK_IEEE, UPCAST_BF16, BLOCK_D, EVEN_N)
+                       D, HAS_COL_OFFSET, HAS_ROW_OFFSET, QK_FP32, DOT_FP32, UPCAST_BF16, BLOCK_D, EVEN_N)
     return p
 
 
@@ -295,7 +301,7 @@ def _symmetric_one_head(Q, K, X, ROW_OFFSET, COL_OFFSET, y_base, g, hh, weight,
                         row0, N, scale_log2,
                         D: tl.constexpr, W: tl.constexpr, HAS_ROW_OFFSET: tl.constexpr,
                         HAS_COL_OFFSET: tl.constexpr, SAME_QK: tl.constexpr, PAIRED: tl.constexpr,
-                        QK_IEEE: tl.constexpr, PX_MODE: tl.constexpr,
+                        QK_FP32: tl.constexpr, DOT_FP32: tl.constexpr, PX_MODE: tl.constexpr,
                         UPCAST_BF16: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_N: tl.constexpr):
     """Head (g, hh): adds weight·(tileᵀ·X) of the visited column tiles to Y (atomics) and
@@ -333,21 +339,21 @@ def _symmetric_one_head(Q, K, X, ROW_OFFSET, COL_OFFSET, y_base, g, hh, weight,
             cols = col0 + tl.arange(0, BLOCK_COLS)
             p = _symmetric_tile(q_rows, k_rows, alpha_rows, beta_rows, q_base, k_base, alpha_base, beta_base,
                                 rows, cols, dims, sq_n, sq_d, sk_n, sk_d, sa_n, sb_n, N, scale_log2,
-                                D, HAS_ROW_OFFSET, HAS_COL_OFFSET, SAME_QK, PAIRED, QK_IEEE, UPCAST_BF16,
+                                D, HAS_ROW_OFFSET, HAS_COL_OFFSET, SAME_QK, PAIRED, QK_FP32, DOT_FP32, UPCAST_BF16,
                                 BLOCK_D, EVEN_N)
             x_cols = _load_tile(x_base, cols, lanes, sx_n, sx_w, N, W, EVEN_N, W == BLOCK_W, UPCAST_BF16)
-            acc = _dot_px(acc, p, x_cols, PX_MODE, UPCAST_BF16)
+            acc = _dot_px(acc, p, x_cols, PX_MODE, UPCAST_BF16, DOT_FP32)
         col_start = row0 + BLOCK_ROWS
     for col0 in range(col_start, N, BLOCK_COLS):
         cols = col0 + tl.arange(0, BLOCK_COLS)
         p = _symmetric_tile(q_rows, k_rows, alpha_rows, beta_rows, q_base, k_base, alpha_base, beta_base,
                             rows, cols, dims, sq_n, sq_d, sk_n, sk_d, sa_n, sb_n, N, scale_log2,
-                            D, HAS_ROW_OFFSET, HAS_COL_OFFSET, SAME_QK, PAIRED, QK_IEEE, UPCAST_BF16,
+                            D, HAS_ROW_OFFSET, HAS_COL_OFFSET, SAME_QK, PAIRED, QK_FP32, DOT_FP32, UPCAST_BF16,
                             BLOCK_D, EVEN_N)
         x_cols = _load_tile(x_base, cols, lanes, sx_n, sx_w, N, W, EVEN_N, W == BLOCK_W, UPCAST_BF16)
-        acc = _dot_px(acc, p, x_cols, PX_MODE, UPCAST_BF16)
+        acc = _dot_px(acc, p, x_cols, PX_MODE, UPCAST_BF16, DOT_FP32)
         col_part = _dot_px(tl.zeros([BLOCK_COLS, BLOCK_W], dtype=tl.float32), tl.trans(p), x_rows,
-                           PX_MODE, UPCAST_BF16)
+                           PX_MODE, UPCAST_BF16, DOT_FP32)
         tl.atomic_add(y_base + cols[:, None] * sy_n + lanes[None, :] * sy_w, col_part * weight,
                       mask=(cols < N)[:, None] & (lanes < W)[None, :], sem="relaxed")
     return acc * weight
@@ -360,7 +366,7 @@ def _symmetric_kernel(Q, K, X, ROW_OFFSET, COL_OFFSET, HEAD_WEIGHTS, Y,
                       H, N, scale_log2,
                       D: tl.constexpr, W: tl.constexpr, HAS_ROW_OFFSET: tl.constexpr,
                       HAS_COL_OFFSET: tl.constexpr, HEAD_SUM: tl.constexpr, SAME_QK: tl.constexpr,
-                      PAIRED: tl.constexpr, QK_IEEE: tl.constexpr, PX_MODE: tl.constexpr,
+                      PAIRED: tl.constexpr, QK_FP32: tl.constexpr, DOT_FP32: tl.constexpr, PX_MODE: tl.constexpr,
                       UPCAST_BF16: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_N: tl.constexpr):
     """Y += the rows' part (once, at the end) and, tile by tile, the columns' part (atomics)
@@ -398,7 +404,7 @@ def _symmetric_kernel(Q, K, X, ROW_OFFSET, COL_OFFSET, HEAD_WEIGHTS, Y,
                 Q, K, X, ROW_OFFSET, COL_OFFSET, y_base, g, tl.cast(h, tl.int64), weight,
                 sq_g, sq_h, sq_n, sq_d, sk_g, sk_h, sk_n, sk_d, sx_g, sx_h, sx_n, sx_w,
                 sa_g, sa_h, sa_n, sb_g, sb_h, sb_n, sy_n, sy_w, row0, N, scale_log2,
-                D, W, HAS_ROW_OFFSET, HAS_COL_OFFSET, SAME_QK, PAIRED, QK_IEEE, PX_MODE, UPCAST_BF16,
+                D, W, HAS_ROW_OFFSET, HAS_COL_OFFSET, SAME_QK, PAIRED, QK_FP32, DOT_FP32, PX_MODE, UPCAST_BF16,
                 BLOCK_ROWS, BLOCK_COLS, BLOCK_D, BLOCK_W, EVEN_N)
     else:
         g = (entry // H).to(tl.int64)
@@ -408,7 +414,7 @@ def _symmetric_kernel(Q, K, X, ROW_OFFSET, COL_OFFSET, HEAD_WEIGHTS, Y,
             Q, K, X, ROW_OFFSET, COL_OFFSET, y_base, g, hh, half,
             sq_g, sq_h, sq_n, sq_d, sk_g, sk_h, sk_n, sk_d, sx_g, sx_h, sx_n, sx_w,
             sa_g, sa_h, sa_n, sb_g, sb_h, sb_n, sy_n, sy_w, row0, N, scale_log2,
-            D, W, HAS_ROW_OFFSET, HAS_COL_OFFSET, SAME_QK, PAIRED, QK_IEEE, PX_MODE, UPCAST_BF16,
+            D, W, HAS_ROW_OFFSET, HAS_COL_OFFSET, SAME_QK, PAIRED, QK_FP32, DOT_FP32, PX_MODE, UPCAST_BF16,
             BLOCK_ROWS, BLOCK_COLS, BLOCK_D, BLOCK_W, EVEN_N)
     tl.atomic_add(y_base + rows[:, None] * sy_n + lanes[None, :] * sy_w, total,
                   mask=(rows < N)[:, None] & (lanes < W)[None, :], sem="relaxed")
@@ -424,7 +430,7 @@ def _pair_kernel(Q, K, X, WQ, ROW_OFFSET, COL_OFFSET, Y, YT,
                  H, N, M, scale_log2,
                  D: tl.constexpr, W: tl.constexpr,
                  HAS_ROW_OFFSET: tl.constexpr, HAS_COL_OFFSET: tl.constexpr,
-                 QK_IEEE: tl.constexpr, PX_MODE: tl.constexpr, PW_MODE: tl.constexpr,
+                 QK_FP32: tl.constexpr, DOT_FP32: tl.constexpr, PX_MODE: tl.constexpr, PW_MODE: tl.constexpr,
                  UPCAST_BF16: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
                  EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
@@ -460,7 +466,7 @@ def _pair_kernel(Q, K, X, WQ, ROW_OFFSET, COL_OFFSET, Y, YT,
     for col0 in range(0, M, BLOCK_COLS):
         cols = col0 + tl.arange(0, BLOCK_COLS)
         k_t = tl.trans(_load_tile(k_base, cols, dims, sk_n, sk_d, M, D, EVEN_COLS, D == BLOCK_D, UPCAST_BF16))
-        s = _scores_log2(q, k_t, scale_log2, QK_IEEE) - alpha[:, None]
+        s = _scores_log2(q, k_t, scale_log2, QK_FP32, DOT_FP32) - alpha[:, None]
         if HAS_COL_OFFSET:
             s -= _load_vector_log2(beta_base, cols, sb_n, M, EVEN_COLS)[None, :]
         # −inf, not 0, outside N×M: padded rows feed the column sums and padded columns the
@@ -473,9 +479,9 @@ def _pair_kernel(Q, K, X, WQ, ROW_OFFSET, COL_OFFSET, Y, YT,
             s = tl.where((cols < M)[None, :], s, float("-inf"))
         p = tl.exp2(s)
         x_cols = _load_tile(x_base, cols, lanes, sx_n, sx_w, M, W, EVEN_COLS, W == BLOCK_W, UPCAST_BF16)
-        acc = _dot_px(acc, p, x_cols, PX_MODE, UPCAST_BF16)
+        acc = _dot_px(acc, p, x_cols, PX_MODE, UPCAST_BF16, DOT_FP32)
         col_part = _dot_px(tl.zeros([BLOCK_COLS, BLOCK_W], dtype=tl.float32), tl.trans(p), w_rows,
-                           PW_MODE, UPCAST_BF16)
+                           PW_MODE, UPCAST_BF16, DOT_FP32)
         tl.atomic_add(yt_base + cols[:, None] * st_n + lanes[None, :] * st_w, col_part,
                       mask=(cols < M)[:, None] & (lanes < W)[None, :], sem="relaxed")
     tl.store(Y + g * sy_g + hh * sy_h + rows[:, None] * sy_n + lanes[None, :] * sy_w, acc,
