@@ -3,9 +3,12 @@
 # (15 min of device time per session, machine start included; one command ≤ 10 min):
 #
 #   install        pip install -e . (csrc/ built with MAX_JOBS = all cores)      issue 3
+#   new_code       the GPU tests of code never yet run on a GPU: both symmetric
+#                  walks, tf32x3 fp32 dots, the CUDA-graph solver step            issues 2, 5
 #   primitive      bench/gpu_bench.py at N = 65 536 and 262 144: triton / cuda
 #                  vs SDPA cuDNN, flash, mem-efficient, chunked torch; symmetric  issues 2, 3
-#   solver         bench/bench_solver.py, fp32 q/k, then bf16 q/k (SD, DINOv2)    issue 5
+#   solver         bench/bench_solver.py (SD, DINOv2): dense vs solver, fp32 q/k;
+#                  then the solver with a CUDA-graph step, fp32 and bf16 q/k     issue 5
 #   eigsh          bench/bench_eigsh.py --gpu: 12-head N = 65 536, top-20         issue 4
 #   knn            bench/bench_knn.py: N = 1 000 000, d = 64, 50 + 50              issue 6
 #   dataset        1 000 real images (bench/make_image_folder.py) at 32 × 32
@@ -13,9 +16,10 @@
 #   gpu_tests      pytest -m gpu, as far as its time limit allows
 #
 # Steps run in that order (priority), each under its own limit in seconds (overridable:
-# INSTALL_TIMEOUT 120, PRIMITIVE_TIMEOUT 130, SOLVER_TIMEOUT 40 (fp32) + 35 (bf16),
-# EIGSH_TIMEOUT 35, KNN_TIMEOUT 40, DATASET_TIMEOUT 100, TEST_TIMEOUT 40: ≤ 9 min in all,
-# under one device call's 10-min limit); a failing or timed-out step is reported and the
+# INSTALL_TIMEOUT 110, NEW_CODE_TIMEOUT 60, PRIMITIVE_TIMEOUT 120, SOLVER_TIMEOUT 40 (dense
+# and eager solver) + SOLVER_GRAPH_TIMEOUT 45 (graph, fp32 and bf16), EIGSH_TIMEOUT 30,
+# KNN_TIMEOUT 35, DATASET_TIMEOUT 100, TEST_TIMEOUT 40: 580 s in all, under one device
+# call's 10-min limit); a failing or timed-out step is reported and the
 # next one runs. Naming steps runs only those (a second call on the still-warm machine can
 # skip the install: PYTHONPATH points at this checkout and csrc/'s build output is kept):
 #
@@ -37,26 +41,30 @@ wanted() {  # no step names given: every step
 selected=("$@")
 for name in "${selected[@]}"; do
     case "$name" in
-        install|primitive|solver|eigsh|knn|dataset|gpu_tests) ;;
-        *) echo "unknown step '$name' (install primitive solver eigsh knn dataset gpu_tests)"; exit 2 ;;
+        install|new_code|primitive|solver|eigsh|knn|dataset|gpu_tests) ;;
+        *) echo "unknown step '$name' (install new_code primitive solver eigsh knn dataset gpu_tests)"; exit 2 ;;
     esac
 done
 
 environment
 
 if wanted install; then
-    install_here "${INSTALL_TIMEOUT:-120}"
+    install_here "${INSTALL_TIMEOUT:-110}"
 else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-wanted primitive && step primitive "${PRIMITIVE_TIMEOUT:-130}" "$PYTHON" bench/gpu_bench.py --sizes 65536,262144
+wanted new_code && step new_code "${NEW_CODE_TIMEOUT:-60}" "$PYTHON" -m pytest -q -m gpu \
+    tests/test_triton_backend.py::test_gpu_against_reference tests/test_solver.py tests/test_cuda_backend.py \
+    -k "gpu_against or cuda_graph or separate_row"
+wanted primitive && step primitive "${PRIMITIVE_TIMEOUT:-120}" "$PYTHON" bench/gpu_bench.py --sizes 65536,262144
 if wanted solver; then
     step solver "${SOLVER_TIMEOUT:-40}" "$PYTHON" bench/bench_solver.py --device cuda --steps 20
-    step solver_bf16 "${SOLVER_BF16_TIMEOUT:-35}" "$PYTHON" bench/bench_solver.py --device cuda --steps 20 \
-        --methods solver --qk-dtype bfloat16
+    step solver_graph "${SOLVER_GRAPH_TIMEOUT:-45}" bash -c "
+        '$PYTHON' bench/bench_solver.py --device cuda --steps 50 --methods solver --cuda-graph &&
+        '$PYTHON' bench/bench_solver.py --device cuda --steps 50 --methods solver --cuda-graph --qk-dtype bfloat16"
 fi
-wanted eigsh && step eigsh "${EIGSH_TIMEOUT:-35}" "$PYTHON" bench/bench_eigsh.py --gpu --n 65536 --heads 12
-wanted knn && step knn "${KNN_TIMEOUT:-40}" "$PYTHON" bench/bench_knn.py --device cuda --n 1000000 --methods blockwise
+wanted eigsh && step eigsh "${EIGSH_TIMEOUT:-30}" "$PYTHON" bench/bench_eigsh.py --gpu --n 65536 --heads 12
+wanted knn && step knn "${KNN_TIMEOUT:-35}" "$PYTHON" bench/bench_knn.py --device cuda --n 1000000 --methods blockwise
 if wanted dataset; then
     work="$(mktemp -d)"
     # 1 000 images × 448² px = 32 × 32 DINOv2 tokens; 100 outer steps of 40 images = 4 epochs.

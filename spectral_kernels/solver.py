@@ -23,6 +23,11 @@ a quadratic form: backward needs M applied to other vectors). The
 official training loop differs in two small ways, kept on purpose: it never divides the
 accumulated gradient (Adam is invariant to that scale) and takes its first step after
 accumulate + 1 backward passes; here a step follows every ``accumulate`` passes.
+
+``cuda_graph=True`` (CUDA, a fixed list of captures, accumulate = 1) captures one whole
+step after three eager ones and replays it (``graphed_step``): at single-image sizes the
+step is launch-bound, and a replay costs one launch instead of the Python and the few
+dozen kernel launches of a step.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from ._validation import finite_checks
+from .graphed_step import GraphedStep
 from .layer_groups import GRAPHS, LayerGroup, group_layers
 from .models.capture import LayerCapture
 from .objective import eigen_terms, ncut_quadratic_form, normalize_columns, off_diagonal
@@ -88,6 +94,7 @@ class SolverConfig:
     progress_every: int = 10
     backend: str = "auto"
     qk_dtype: str | None = None
+    cuda_graph: bool = False
 
     def validate(self) -> "SolverConfig":
         def choice(name, options):
@@ -114,6 +121,10 @@ class SolverConfig:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)!r}")
         if self.qk_dtype not in QK_DTYPES:
             raise ValueError(f"qk_dtype must be one of {tuple(QK_DTYPES)}, got {self.qk_dtype!r}")
+        if self.cuda_graph and (self.accumulate != 1 or self.parameterization == "table"):
+            raise ValueError("cuda_graph=True replays one whole optimiser step: it needs accumulate=1 and a "
+                             "fixed image index (parameterization 'pixel' or 'conv'), got "
+                             f"accumulate={self.accumulate}, parameterization={self.parameterization!r}")
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise ValueError(f"ema must be in (0, 1) or None, got {self.ema!r}")
         if not 0.0 <= self.buffer_prob <= 1.0:
@@ -258,8 +269,9 @@ class SpectralSolver:
                                        n_images=cfg.n_images, hidden=cfg.hidden, generator=self._generator)
         self.module = module.to(device)
         opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-        # fused: one kernel for the whole update on a GPU instead of a few per parameter
-        fused = {"fused": True} if device.type == "cuda" else {}
+        # fused: one kernel for the whole update on a GPU instead of a few per parameter;
+        # capturable: its step counter lives on the GPU, so a CUDA graph can replay it
+        fused = {"fused": True, "capturable": cfg.cuda_graph} if device.type == "cuda" else {}
         self.optimizer = opt_cls(self.module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         self.ema_module = None
         if cfg.ema is not None:
@@ -293,7 +305,7 @@ class SpectralSolver:
         saved = dict(state["config"])
         current = asdict(self.config)
         ignored = {"steps", "checkpoint_path", "checkpoint_every", "checkpoint_every_s", "progress",
-                   "progress_every", "backend"}
+                   "progress_every", "backend", "cuda_graph"}
         diff = {k: (saved.get(k), v) for k, v in current.items()
                 if k not in ignored and saved.get(k) != v and not (k == "base_grid" and saved.get(k) is None)}
         if diff:
@@ -341,6 +353,10 @@ class SpectralSolver:
         if probe_index is not None and len(torch.as_tensor(probe_index).reshape(-1)) != n_batch:
             raise ValueError(f"image_index has {len(torch.as_tensor(probe_index).reshape(-1))} entries but the "
                              f"captures hold {n_batch} images")
+        if cfg.cuda_graph and (device.type != "cuda" or not static):
+            raise ValueError("cuda_graph=True needs CUDA captures and a fixed list of them (the graph replays one "
+                             f"set of affinities), got {device.type} tensors from a "
+                             f"{'list' if static else 'callable source'}")
         self._build(probe, device, n_batch)
         if static:
             self._static = self._prepare(probe, image_index)
@@ -371,19 +387,38 @@ class SpectralSolver:
             ckpt.save_atomic(self._state(cfg.steps, history), path)
         return self._result(history)
 
+    def _forward_backward(self, batch: _Batch) -> Tensor:
+        logits = self.module(batch.image_index)
+        loss = self._loss(self._rows(logits), batch)
+        (loss / self.config.accumulate).backward()
+        return loss
+
+    def _graphed_step(self) -> GraphedStep:
+        """Forward, backward and update of the fixed captures, replayed as one CUDA graph."""
+        def step():
+            loss = self._forward_backward(self._static)
+            self.optimizer.step()
+            return loss
+        return GraphedStep(step, self.optimizer)
+
     def _loop(self, source, bar, start, history, pending, path):
         cfg = self.config
         last_save = time.monotonic()
+        graphed = self._graphed_step() if cfg.cuda_graph else None
         for step in bar:
-            batch = self._next_batch(source, step)
-            logits = self.module(batch.image_index)
-            loss = self._loss(self._rows(logits), batch)
-            (loss / cfg.accumulate).backward()
-            pending.append(loss.detach())
             done = step + 1
-            if done % cfg.accumulate == 0:
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+            if graphed is not None:
+                loss = graphed()
+                pending.append(loss.detach().clone())  # the graph's output is rewritten next step
+                stepped = True
+            else:
+                loss = self._forward_backward(self._next_batch(source, step))
+                pending.append(loss.detach())
+                stepped = done % cfg.accumulate == 0
+                if stepped:
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+            if stepped:
                 if self.ema_module is not None:
                     self._update_ema()
                 due = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or \
