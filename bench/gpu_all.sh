@@ -11,15 +11,20 @@
 #                  then the solver with a CUDA-graph step, fp32 and bf16 q/k     issue 5
 #   eigsh          bench/bench_eigsh.py --gpu: 12-head N = 65 536, top-20         issue 4
 #   knn            bench/bench_knn.py: N = 1 000 000, d = 64, 50 + 50              issue 6
-#   dataset        1 000 real images (bench/make_image_folder.py) at 32 × 32
-#                  DINOv2 tokens through `spectral-kernels dataset`, to the end    issue 6
-#   gpu_tests      pytest -m gpu, as far as its time limit allows
+#   dataset        bench/bench_dataset.py (synthetic 40-image batches, 12 × 6
+#                  graphs: graph build vs inner steps per outer step), then 1 000
+#                  real images (bench/make_image_folder.py) at 32 × 32 DINOv2
+#                  tokens through `spectral-kernels dataset` for one epoch
+#                  (25 steps of 40 images, the last 4 blocks), to the end        issue 6
+#   gpu_tests      pytest -m gpu, as far as its time limit allows (only when named:
+#                  bench/gpu_check.sh runs the whole GPU test suite)
 #
 # Steps run in that order (priority), each under its own limit in seconds (overridable:
-# INSTALL_TIMEOUT 110, NEW_CODE_TIMEOUT 60, PRIMITIVE_TIMEOUT 120, SOLVER_TIMEOUT 40 (dense
+# INSTALL_TIMEOUT 110, NEW_CODE_TIMEOUT 60, PRIMITIVE_TIMEOUT 110, SOLVER_TIMEOUT 40 (dense
 # and eager solver) + SOLVER_GRAPH_TIMEOUT 45 (graph, fp32 and bf16), EIGSH_TIMEOUT 30,
-# KNN_TIMEOUT 35, DATASET_TIMEOUT 100, TEST_TIMEOUT 40: 580 s in all, under one device
-# call's 10-min limit); a failing or timed-out step is reported and the
+# KNN_TIMEOUT 35, DATASET_BENCH_TIMEOUT 40 + DATASET_TIMEOUT 110: 580 s in all, under one
+# device call's 10-min limit; TEST_TIMEOUT 40 when gpu_tests is named); a failing or
+# timed-out step is reported and the
 # next one runs. Naming steps runs only those (a second call on the still-warm machine can
 # skip the install: PYTHONPATH points at this checkout and csrc/'s build output is kept):
 #
@@ -56,7 +61,7 @@ fi
 wanted new_code && step new_code "${NEW_CODE_TIMEOUT:-60}" "$PYTHON" -m pytest -q -m gpu \
     tests/test_triton_backend.py::test_gpu_against_reference tests/test_solver.py tests/test_cuda_backend.py \
     -k "gpu_against or cuda_graph or separate_row"
-wanted primitive && step primitive "${PRIMITIVE_TIMEOUT:-120}" "$PYTHON" bench/gpu_bench.py --sizes 65536,262144
+wanted primitive && step primitive "${PRIMITIVE_TIMEOUT:-110}" "$PYTHON" bench/gpu_bench.py --sizes 65536,262144
 if wanted solver; then
     step solver "${SOLVER_TIMEOUT:-40}" "$PYTHON" bench/bench_solver.py --device cuda --steps 20
     step solver_graph "${SOLVER_GRAPH_TIMEOUT:-45}" bash -c "
@@ -66,13 +71,17 @@ fi
 wanted eigsh && step eigsh "${EIGSH_TIMEOUT:-30}" "$PYTHON" bench/bench_eigsh.py --gpu --n 65536 --heads 12
 wanted knn && step knn "${KNN_TIMEOUT:-35}" "$PYTHON" bench/bench_knn.py --device cuda --n 1000000 --methods blockwise
 if wanted dataset; then
+    # Per outer step: 72 kNN graphs (12 layers × 6 heads) over 40 960 tokens, then 5 inner steps.
+    step dataset_bench "${DATASET_BENCH_TIMEOUT:-40}" "$PYTHON" bench/bench_dataset.py --device cuda --steps 2
     work="$(mktemp -d)"
-    # 1 000 images × 448² px = 32 × 32 DINOv2 tokens; 100 outer steps of 40 images = 4 epochs.
-    step dataset "${DATASET_TIMEOUT:-100}" bash -c "
+    # 1 000 images × 448² px = 32 × 32 DINOv2 tokens; 25 outer steps of 40 images = 1 epoch, on
+    # the last 4 blocks (24 graphs a step; dataset_bench above times all 12 × 6 = 72).
+    step dataset "${DATASET_TIMEOUT:-110}" bash -c "
         '$PYTHON' bench/make_image_folder.py '$work/images' --count 1000 --size 448 &&
         '$PYTHON' -m spectral_kernels.cli dataset '$work/images' --out '$work/result' --device cuda \
-            --steps 100 --batch-images 40 &&
+            --steps 25 --batch-images 40 --layers 8,9,10,11 &&
         ls '$work/result' | grep -c '\.npz$'"
 fi
-wanted gpu_tests && step gpu_tests "${TEST_TIMEOUT:-40}" "$PYTHON" -m pytest tests -m gpu -q
+# Not part of the default list (bench/gpu_check.sh runs the GPU tests): only when named.
+[ ${#selected[@]} -gt 0 ] && wanted gpu_tests && step gpu_tests "${TEST_TIMEOUT:-40}" "$PYTHON" -m pytest tests -m gpu -q
 finish

@@ -72,6 +72,21 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
+def _index_list(text: str) -> list:
+    """Comma-separated layer/head selectors: integers (negative counts from the end) or names."""
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated indices, got {text!r}")
+    return [int(part) if part.lstrip("-").isdigit() else part for part in items]
+
+
+def _head_list(text: str) -> list[int]:
+    heads = _index_list(text)
+    if not all(isinstance(h, int) for h in heads):
+        raise argparse.ArgumentTypeError(f"expected comma-separated head indices, got {text!r}")
+    return heads
+
+
 # ---------------------------------------------------------------------------- shared checks
 def _torch_device(name: str):
     import torch
@@ -311,8 +326,9 @@ def run_dataset(args) -> int:
     try:
         result = analyze_dataset(str(folder), out_dir=args.out, model=model, n_eig=args.n_eig, steps=args.steps,
                                  batch_images=args.batch_images, mode=args.mode, graph=args.graph,
-                                 image_size=args.image_size, device=device, seed=args.seed,
-                                 resume=not args.no_resume, progress=args.progress, backend=args.backend)
+                                 image_size=args.image_size, layers=args.layers, heads=args.heads, device=device,
+                                 seed=args.seed, resume=not args.no_resume, progress=args.progress,
+                                 backend=args.backend)
     except ValueError as exc:  # empty folder, settings that contradict a checkpoint, ...
         raise UsageError(str(exc)) from None
     n, h, w, k = result.eigenvectors.shape
@@ -469,6 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per batch (default 40)")
     d.add_argument("--image-size", type=_positive_int, default=None, metavar="PX",
                    help="pixels per side after a centre crop (default: 32 tokens × patch size)")
+    d.add_argument("--layers", type=_index_list, default=None, metavar="L,L,...",
+                   help="layers to build graphs on: indices or names, e.g. 8,9,10,11 or --layers=-4,-1 "
+                        "(negative indices count from the end; default: all)")
+    d.add_argument("--heads", type=_head_list, default=None, metavar="H,H,...",
+                   help="head indices kept in every selected layer (default: all)")
     d.add_argument("--no-resume", action="store_true", help="start afresh even if OUT holds a checkpoint")
     _device_options(d, device_default=None)
     d.set_defaults(run=run_dataset)

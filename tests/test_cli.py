@@ -133,6 +133,21 @@ def test_dataset_subcommand_runs_on_a_folder(tmp_path, capsys):
             assert z["eigenvectors"].shape == (4, 4, 3) and np.isfinite(z["eigenvectors"]).all()
     err = _usage_error(capsys, ["dataset", str(tmp_path / "missing"), "--out", str(out)])
     assert "not found" in err
+    # a selection of layers (index from the end, or name) and heads: the cached features hold just those
+    out2 = tmp_path / "ds2"
+    code = main(["dataset", str(folder), "--out", str(out2), "--n-eig", "3", "--steps", "1", "--batch-images", "2",
+                 "--image-size", "56", "--mode", "dense", "--no-progress", "--layers=-1,blocks.2",
+                 "--heads", "0,5"])
+    assert code == 0, capsys.readouterr().err
+    cached = torch.load(next((out2 / "_run" / "features").glob("*.pt")), weights_only=False)
+    assert sorted(cached) == ["blocks.11", "blocks.2"]
+    assert all(layer["a"].shape[0] == 2 for layer in cached.values())  # (heads, tokens, d)
+    err = _usage_error(capsys, ["dataset", str(folder), "--out", str(out2), "--layers", "99", "--no-resume",
+                                "--no-progress"])
+    assert "layers" in err and "out of range" in err
+    with pytest.raises(SystemExit):
+        main(["dataset", str(folder), "--heads", "a,b"])
+    assert "--heads" in capsys.readouterr().err
 
 
 def test_backends_and_bench(capsys):
