@@ -251,15 +251,17 @@ class _CandidateList:
     """Running best-k list of one row block; tile candidates are merged in batches.
 
     Merging after every tile costs a few small sorts per tile; collecting up to
-    MERGE_EVERY tiles first keeps the list O(rows · k) while cutting those sorts.
+    MERGE_EVERY tiles first keeps the list O(rows · k) while cutting those sorts. A list fed
+    by one full-width tile (one column tile per row block: N ≤ the tile width) is that
+    tile's top-k as it is — tile_topk already settled its ties — and needs no merge.
     """
     MERGE_EVERY = 16
 
     def __init__(self, b, kk, like):
         self.kk = kk
-        self.pending = [(torch.full((b, kk), -math.inf, dtype=like.dtype, device=like.device),
-                         torch.full((b, kk), torch.iinfo(torch.long).max, dtype=torch.long,
-                                    device=like.device))]
+        self.empty = (torch.full((b, kk), -math.inf, dtype=like.dtype, device=like.device),
+                      torch.full((b, kk), torch.iinfo(torch.long).max, dtype=torch.long, device=like.device))
+        self.pending = []
 
     def add(self, candidates):
         self.pending.append(candidates)
@@ -267,9 +269,11 @@ class _CandidateList:
             self.pending = [self.best()]
 
     def best(self):
-        if len(self.pending) == 1:
+        if not self.pending:
+            return self.empty
+        if len(self.pending) == 1 and self.pending[0][0].shape[1] == self.kk:
             return self.pending[0]
-        return merge_candidates(self.pending, self.kk)
+        return merge_candidates([self.empty, *self.pending], self.kk)
 
 
 def _mask_self(sim, r0, r1, c0, c1):
