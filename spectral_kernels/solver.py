@@ -17,9 +17,9 @@ Variants (``variant``):
 Layers of one resolution are stacked into one primitive call (``layer_groups``), and the
 per-token vectors that depend only on q, k (row LSE, NCut offsets) are computed once per set
 of captures. Passes over the score tiles per step and group, values and gradient together:
-"random_walk" one (``affinity_symmetric_matmul`` with the row LSE: ½(P + Pᵀ)·z), "subspace" one (M is symmetric,
-its gradient 2·M z is the forward product), "symmetric" two (its cross-head terms are not
-a quadratic form: backward needs M applied to other vectors). The
+"random_walk" one (``affinity_symmetric_matmul`` with the row LSE: ½(P + Pᵀ)·z), "subspace"
+one (M is symmetric, its gradient 2·M z is the forward product), "symmetric" two (its
+cross-head terms are not a quadratic form: backward needs M applied to other vectors). The
 official training loop differs in two small ways, kept on purpose: it never divides the
 accumulated gradient (Adam is invariant to that scale) and takes its first step after
 accumulate + 1 backward passes; here a step follows every ``accumulate`` passes.
