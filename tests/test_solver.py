@@ -388,3 +388,55 @@ def test_cuda_graph_replay_follows_the_eager_run(rng, tmp_path, parameterization
     resumed = SpectralSolver(**{**settings, "steps": 16}, cuda_graph=True, checkpoint_path=path).fit(caps, resume=True)
     assert len(resumed.loss_history) == 16
     torch.testing.assert_close(torch.tensor(resumed.loss_history[:12]), torch.tensor(graphed.loss_history))
+
+
+def test_graphed_step_warms_up_captures_once_then_replays(monkeypatch):
+    """The capture protocol on fake CUDA primitives: warm-up steps run eagerly with fresh
+    (None) gradients, the next step runs once inside the capture and is replayed, later
+    steps only replay and hand back the same static loss tensor."""
+    from contextlib import contextmanager
+
+    from spectral_kernels import graphed_step
+
+    events = []
+
+    class FakeGraph:
+        def replay(self):
+            events.append("replay")
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    @contextmanager
+    def fake_capture(graph):
+        events.append("capture begin")
+        yield
+        events.append("capture end")
+
+    @contextmanager
+    def fake_stream_context(stream):
+        yield
+
+    monkeypatch.setattr(graphed_step.torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(graphed_step.torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(graphed_step.torch.cuda, "current_stream", FakeStream)
+    monkeypatch.setattr(graphed_step.torch.cuda, "stream", fake_stream_context)
+    monkeypatch.setattr(graphed_step.torch.cuda, "graph", fake_capture)
+
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    param.grad = torch.ones(3)
+
+    def step_fn():
+        events.append(f"step (grad {'none' if param.grad is None else 'set'})")
+        return torch.tensor(float(len(events)))
+
+    step = graphed_step.GraphedStep(step_fn, optimizer, warmup=2)
+    losses = [step() for _ in range(5)]
+    assert events == ["step (grad none)", "step (grad none)",
+                      "capture begin", "step (grad none)", "capture end", "replay",
+                      "replay", "replay"]
+    assert step.captured and losses[2] is losses[3] is losses[4]
+    with pytest.raises(ValueError, match="warmup"):
+        graphed_step.GraphedStep(step_fn, optimizer, warmup=0)
