@@ -73,7 +73,7 @@ wanted eigsh && step eigsh "${EIGSH_TIMEOUT:-25}" "$PYTHON" bench/bench_eigsh.py
 wanted knn && step knn "${KNN_TIMEOUT:-30}" "$PYTHON" bench/bench_knn.py --device cuda --n 1000000 --methods blockwise
 if wanted dataset; then
     # Per outer step: 72 kNN graphs (12 layers × 6 heads) over 40 960 tokens, then 5 inner steps.
-    step dataset_bench "${DATASET_BENCH_TIMEOUT:-40}" "$PYTHON" bench/bench_dataset.py --device cuda --steps 2
+    step dataset_bench "${DATASET_BENCH_TIMEOUT:-40}" "$PYTHON" bench/bench_dataset.py --device cuda --steps 2 --mode knn
     work="$(mktemp -d)"
     # 1 000 images × 448² px = 32 × 32 DINOv2 tokens; 25 outer steps of 40 images = 1 epoch, on
     # the last 2 blocks (12 graphs a step; dataset_bench above times all 12 × 6 = 72).
