@@ -2,6 +2,7 @@
 
     python bench/bench_solver.py --device cpu --steps 3            # this machine (reduced)
     python bench/bench_solver.py --device cuda --steps 50          # GPU figures
+    python bench/bench_solver.py --device cuda --methods dense,solver,solver+graph,solver+graph+bf16
 
 Sizes (synthetic q/k, d = 64, K = 20):
     sd      Stable Diffusion single image: 16 self-attention layers × 8 heads on grids
@@ -11,8 +12,9 @@ Sizes (synthetic q/k, d = 64, K = 20):
 "dense" is the official loop: softmax attention materialised once per layer (H, N, N),
 then every step X = softmax(θ), per-layer pooling, P·Z, loss, autograd, Adam. "solver" is
 ``SpectralSolver`` (layers of a grid stacked into one primitive call, no N×N array);
-``--cuda-graph`` replays each step as one captured CUDA graph, ``--qk-dtype bfloat16``
-casts q/k once for tensor-core score tiles.
+``solver+graph`` (or ``--cuda-graph``) replays each step as one captured CUDA graph,
+``solver+bf16`` (or ``--qk-dtype bfloat16``) casts q/k once for tensor-core score tiles;
+every solver row gets its dense/solver ratio.
 BENCH_SOLVER_PROFILE=1 prints a torch.profiler table of 5 solver steps (setup included).
 Each (size, method) runs in its own process so that peak memory (CUDA: max allocated;
 CPU: peak RSS) is its own. Prints ms/step, peak memory and the dense/solver ratio.
@@ -135,6 +137,18 @@ def solver_run(caps, steps, device, backend, qk_dtype=None, cuda_graph=False):
 
 
 # --------------------------------------------------------------------------- driver
+SOLVER_SUFFIXES = {"graph", "bf16"}
+
+
+def solver_options(method, args):
+    """(cuda_graph, qk_dtype) of a solver method: "solver", "solver+graph", "solver+graph+bf16", ...
+    (suffixes add to --cuda-graph / --qk-dtype)."""
+    name, *suffixes = method.split("+")
+    if name != "solver" or not set(suffixes) <= SOLVER_SUFFIXES:
+        raise SystemExit(f"unknown method {method!r}: dense, or solver with +graph / +bf16 suffixes")
+    return (args.cuda_graph or "graph" in suffixes), ("bfloat16" if "bf16" in suffixes else args.qk_dtype)
+
+
 def worker(args):
     device = args.device
     caps = make_captures(args.size, device)
@@ -144,7 +158,8 @@ def worker(args):
     if args.method == "dense":
         per_step = dense_run(caps, args.steps, device)
     else:
-        per_step = solver_run(caps, args.steps, device, args.backend, args.qk_dtype, args.cuda_graph)
+        graph, qk_dtype = solver_options(args.method, args)
+        per_step = solver_run(caps, args.steps, device, args.backend, qk_dtype, graph)
     if device == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**30
     else:
@@ -158,7 +173,8 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 50 on GPU, 3 on CPU)")
     parser.add_argument("--sizes", default="dinov2,sd")
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--methods", default="dense,solver")
+    parser.add_argument("--methods", default="dense,solver",
+                        help="comma-separated: dense, solver, solver+graph, solver+bf16, solver+graph+bf16")
     parser.add_argument("--qk-dtype", dest="qk_dtype", default=None, choices=["bfloat16", "float16"],
                         help="solver: cast q/k once (tensor-core score tiles)")
     parser.add_argument("--cuda-graph", dest="cuda_graph", action="store_true",
@@ -171,10 +187,14 @@ def main():
     if args.method:
         return worker(args)
 
+    methods = args.methods.split(",")
+    for method in methods:
+        if method != "dense":
+            solver_options(method, args)  # unknown names fail before any run
     rows = {}
     failures = 0
     for size in args.sizes.split(","):
-        for method in args.methods.split(","):
+        for method in methods:
             cmd = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps), "--backend",
                    args.backend, "--size", size, "--method", method]
             if args.qk_dtype:
@@ -190,12 +210,13 @@ def main():
                 continue
             rows[(size, method)] = json.loads(out.stdout.strip().splitlines()[-1])
             r = rows[(size, method)]
-            print(f"{size:7s} {method:7s} {r['ms']:10.2f} ms/step   peak {r['peak_gib']:.3f} GiB"
+            print(f"{size:7s} {method:18s} {r['ms']:10.2f} ms/step   peak {r['peak_gib']:.3f} GiB"
                   f"{'' if args.device == 'cuda' else ' (process RSS)'}", flush=True)
     for size in args.sizes.split(","):
-        if (size, "dense") in rows and (size, "solver") in rows:
-            ratio = rows[(size, "dense")]["ms"] / max(rows[(size, "solver")]["ms"], 1e-9)
-            print(f"{size:7s} dense/solver time ratio: {ratio:.2f}x  (device {args.device})")
+        for method in methods:
+            if method != "dense" and (size, "dense") in rows and (size, method) in rows:
+                ratio = rows[(size, "dense")]["ms"] / max(rows[(size, method)]["ms"], 1e-9)
+                print(f"{size:7s} dense/{method} time ratio: {ratio:.2f}x  (device {args.device}; goal ≥ 5 on a GPU)")
     if failures:
         raise SystemExit(1)  # a failed measurement fails the script (gpu_all.sh reports the step)
 
