@@ -295,7 +295,7 @@ def tile_topk(sim, cols, kk, threshold):
     b, t = sim.shape
     if t <= kk:
         return sim.clone(), cols.expand(b, t)  # a copy: the caller may reuse sim's storage
-    top_vals, top_idx = sim.topk(kk + 1, dim=1)
+    top_vals, top_idx = _top_candidates(sim, kk + 1)
     tied = (top_vals[:, kk - 1] == top_vals[:, kk]) & (top_vals[:, kk - 1] > threshold)
     top_vals, top_cols = top_vals[:, :kk], cols[top_idx[:, :kk]]
     if bool(tied.any()):
@@ -306,6 +306,38 @@ def tile_topk(sim, cols, kk, threshold):
         top_vals[tied_rows] = sorted_vals[:, :kk]
         top_cols[tied_rows] = cols[col_order][sorted_idx[:, :kk]]
     return top_vals, top_cols
+
+
+# Wide tiles select through block maxima (see _top_candidates); measured on the 2-core CPU,
+# 512 rows × 16 384 / 32 768 columns, k = 51: torch.topk 17.7 / 29.5 ms, prefiltered 12.4 /
+# 18.0 ms; at 4 096 columns and below no gain (topk's per-row cost dominates).
+PREFILTER_MIN_WIDTH = 16384
+PREFILTER_BLOCK = 32
+
+
+def _top_candidates(sim, kk1):
+    """The kk1 largest values per row of a tile (sorted, descending) and their tile columns.
+
+    Wide tiles are cut into blocks of PREFILTER_BLOCK columns; the kk1 blocks with the largest
+    maxima hold every value above the kk1-th largest block maximum v, and kk1 values ≥ v (those
+    maxima), so the kk1 largest of their columns are the row's kk1 largest values — exactly,
+    except that a value equal to v in an unselected block may be left out. Then the kk1-th
+    value itself equals v and so does the (kk1 − 1)-th or an excluded one: the caller's tie
+    test (kk-th == (kk + 1)-th value) fires and redoes the row from the whole tile.
+    """
+    b, t = sim.shape
+    g = PREFILTER_BLOCK
+    if t < PREFILTER_MIN_WIDTH or 4 * kk1 * g > t:
+        return sim.topk(kk1, dim=1)
+    n_blocks = t // g
+    head = n_blocks * g
+    block_max = sim[:, :head].reshape(b, n_blocks, g).amax(-1)
+    blocks = block_max.topk(kk1, dim=1, sorted=False).indices
+    local = (blocks[:, :, None] * g + torch.arange(g, device=sim.device)).reshape(b, kk1 * g)
+    if head < t:  # the ragged last columns are candidates as they are
+        local = torch.cat([local, torch.arange(head, t, device=sim.device).expand(b, t - head)], dim=1)
+    top_vals, idx = sim.gather(1, local).topk(kk1, dim=1)
+    return top_vals, local.gather(1, idx)
 
 
 def merge_candidates(candidates, kk):

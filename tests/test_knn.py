@@ -138,6 +138,33 @@ def test_ties_lower_column_index_wins(rng):
     torch.testing.assert_close(other.to_dense(), graph.to_dense(), rtol=0, atol=0)
 
 
+def test_block_max_prefilter_is_exact(rng, monkeypatch):
+    """Wide tiles select through block maxima: forced onto small tiles (blocks of 4 columns),
+    the graphs still equal the references, exact ties included, and every tile's top-k equals
+    torch.topk's up to the order of equal values."""
+    from spectral_kernels import knn as knn_module
+    monkeypatch.setattr(knn_module, "PREFILTER_MIN_WIDTH", 0)
+    monkeypatch.setattr(knn_module, "PREFILTER_BLOCK", 4)
+    sizes = [1100, 957, 943]
+    ids = shuffled_image_ids(sizes, rng)
+    v = torch.randn(sum(sizes), 16, generator=rng, dtype=torch.float64)
+    graph = knn_graph(v, v, n_intra=7, n_inter=5, image_ids=ids, normalize="none", block_size=(256, 700))
+    torch.testing.assert_close(graph.to_dense(), reference_graph(v, v, ids, 7, 5, normalize="none"),
+                               rtol=1e-12, atol=1e-14)
+    # few distinct values: ties everywhere, also across the block-maximum boundary
+    for width in (96, 101, 257):
+        sim = torch.randint(0, 6, (40, width), generator=rng).double()
+        sim[::7, : width // 2] = -math.inf  # rows with masked halves
+        cols = torch.randperm(10 * width, generator=rng)[:width]
+        for kk in (1, 3, 5):
+            vals, picked = knn_module.tile_topk(sim, cols, kk, threshold=-1.0)
+            monkeypatch.setattr(knn_module, "PREFILTER_MIN_WIDTH", 10**9)
+            ref_vals, ref_picked = knn_module.tile_topk(sim, cols, kk, threshold=-1.0)
+            monkeypatch.setattr(knn_module, "PREFILTER_MIN_WIDTH", 0)
+            assert torch.equal(vals, ref_vals)
+            assert torch.equal(picked.sort(1).values, ref_picked.sort(1).values), (width, kk)
+
+
 # --------------------------------------------------------------------------- properties and small shapes
 
 def test_normalisations_are_stochastic_and_symmetric(rng):
