@@ -25,6 +25,8 @@ __all__ = ["is_available", "matmul", "logsumexp", "symmetric_matmul", "choose_ov
 MAX_HEAD_DIM = 256  # the kernels are templated on d padded to 32, 64, 128 or 256
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _VECTOR_ELEMENTS = 8  # 16 bytes of fp16/bf16: the unit of the kernels' shared-memory loads
+# The symmetric kernel reads one offset vector: α ≠ β runs as two row products (auto prefers triton then).
+ONE_PASS_SEPARATE_OFFSETS = False
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,7 +15,7 @@ from torch import Tensor
 from . import backends
 from ._common import (_check_backend, _layout, _out_shape, _reject_data_gradients, _shape_key,
                       _transposed_cotangent, call_op)
-from ._layout import compute_dtype
+from ._layout import compute_dtype, same_tensor
 
 __all__ = ["affinity_symmetric_matmul"]
 
@@ -25,7 +25,12 @@ def _symmetric_impl(q: Tensor, k: Tensor, x: Tensor, scale: float, row_offset: O
     g, h, n, _ = q.shape
     if n == 0 or x.shape[-1] == 0:
         return torch.zeros(_out_shape(q, x, head_weights), dtype=x.dtype, device=q.device)
-    module = backends.resolve(backend, q.device, compute_dtype(q, k, x), _shape_key(q, k, x))
+    dtype = compute_dtype(q, k, x)
+    module = backends.resolve(backend, q.device, dtype, _shape_key(q, k, x))
+    if backend == "auto" and not same_tensor(row_offset, col_offset) and \
+            not getattr(module, "ONE_PASS_SEPARATE_OFFSETS", True) and "triton" in backends.available_backends():
+        # auto chose by the row product's speed; this backend would take two passes here
+        module = backends.resolve("triton", q.device, dtype)
     y = module.symmetric_matmul(q, k, x.expand(g, h, *x.shape[2:]), scale=scale, row_offset=row_offset,
                                 col_offset=col_offset, head_weights=head_weights)
     return y.to(x.dtype)
