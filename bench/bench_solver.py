@@ -101,7 +101,8 @@ def dense_run(caps, steps, device):
 
 
 # --------------------------------------------------------------------------- solver
-def solver_run(caps, steps, device, backend, qk_dtype=None, cuda_graph=False):
+def solver_run(caps, steps, device, backend, qk_dtype=None, cuda_graph=False, full_run=0):
+    """(seconds per step, seconds of one whole ``full_run``-step fit or None)."""
     from spectral_kernels.solver import SpectralSolver
 
     def timed(n):
@@ -129,11 +130,12 @@ def solver_run(caps, steps, device, backend, qk_dtype=None, cuda_graph=False):
     lead = 5 if cuda_graph else 0
     setup = min(timed(lead) for _ in range(3))
     total = timed(lead + steps)
+    full = timed(full_run) if full_run else None  # everything a user waits for, setup included
     if total <= setup:
         print(f"warning: {steps} steps took {total:.3f} s, not more than setup {setup:.3f} s: "
               "machine too noisy, use more --steps", file=sys.stderr)
-        return math.nan
-    return (total - setup) / steps
+        return math.nan, full
+    return (total - setup) / steps, full
 
 
 # --------------------------------------------------------------------------- driver
@@ -155,16 +157,17 @@ def worker(args):
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated()
+    full = None
     if args.method == "dense":
         per_step = dense_run(caps, args.steps, device)
     else:
         graph, qk_dtype = solver_options(args.method, args)
-        per_step = solver_run(caps, args.steps, device, args.backend, qk_dtype, graph)
+        per_step, full = solver_run(caps, args.steps, device, args.backend, qk_dtype, graph, args.full_run)
     if device == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
-    print(json.dumps(dict(size=args.size, method=args.method, ms=per_step * 1e3, peak_gib=peak)))
+    print(json.dumps(dict(size=args.size, method=args.method, ms=per_step * 1e3, peak_gib=peak, full_s=full)))
 
 
 def main():
@@ -179,6 +182,10 @@ def main():
                         help="solver: cast q/k once (tensor-core score tiles)")
     parser.add_argument("--cuda-graph", dest="cuda_graph", action="store_true",
                         help="solver: capture one step as a CUDA graph and replay it")
+    parser.add_argument("--full-run", dest="full_run", type=int, default=0, metavar="STEPS",
+                        help="also time one whole fit of STEPS steps (setup included) for --full-run-methods")
+    parser.add_argument("--full-run-methods", dest="full_run_methods", default=None, metavar="M,M",
+                        help="solver methods the --full-run applies to (default: all)")
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -195,8 +202,10 @@ def main():
     failures = 0
     for size in args.sizes.split(","):
         for method in methods:
+            full_run = args.full_run if args.full_run_methods is None or method in args.full_run_methods.split(",") \
+                else 0
             cmd = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps), "--backend",
-                   args.backend, "--size", size, "--method", method]
+                   args.backend, "--size", size, "--method", method, "--full-run", str(full_run)]
             if args.qk_dtype:
                 cmd += ["--qk-dtype", args.qk_dtype]
             if args.cuda_graph:
@@ -210,8 +219,9 @@ def main():
                 continue
             rows[(size, method)] = json.loads(out.stdout.strip().splitlines()[-1])
             r = rows[(size, method)]
+            full = "" if r.get("full_s") is None else f"   {full_run}-step fit {r['full_s']:.2f} s"
             print(f"{size:7s} {method:18s} {r['ms']:10.2f} ms/step   peak {r['peak_gib']:.3f} GiB"
-                  f"{'' if args.device == 'cuda' else ' (process RSS)'}", flush=True)
+                  f"{'' if args.device == 'cuda' else ' (process RSS)'}{full}", flush=True)
     for size in args.sizes.split(","):
         for method in methods:
             if method != "dense" and (size, "dense") in rows and (size, method) in rows:

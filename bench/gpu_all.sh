@@ -8,7 +8,8 @@
 #   primitive      bench/gpu_bench.py at N = 65 536 and 262 144: triton / cuda
 #                  vs SDPA cuDNN, flash, mem-efficient, chunked torch; symmetric  issues 2, 3
 #   solver         bench/bench_solver.py (SD, DINOv2): dense vs the solver, eager
-#                  fp32, CUDA-graph step fp32 and bf16 q/k, each with its ratio  issue 5
+#                  fp32, CUDA-graph step fp32 and bf16 q/k, each with its ratio;
+#                  one whole 2 000-step fit (graph, bf16)                        issue 5
 #   eigsh          bench/bench_eigsh.py --gpu: 12-head N = 65 536, top-20         issue 4
 #   knn            bench/bench_knn.py: N = 1 000 000, d = 64, 50 + 50              issue 6
 #   dataset        bench/bench_dataset.py (synthetic 40-image batches, 12 × 6
@@ -65,7 +66,7 @@ wanted new_code && step new_code "${NEW_CODE_TIMEOUT:-80}" "$PYTHON" -m pytest -
     -k "gpu_against or cuda_graph or separate_row"
 wanted primitive && step primitive "${PRIMITIVE_TIMEOUT:-110}" "$PYTHON" bench/gpu_bench.py --sizes 65536,262144
 wanted solver && step solver "${SOLVER_TIMEOUT:-100}" "$PYTHON" bench/bench_solver.py --device cuda --steps 30 \
-    --methods dense,solver,solver+graph,solver+graph+bf16
+    --methods dense,solver,solver+graph,solver+graph+bf16 --full-run 2000 --full-run-methods solver+graph+bf16
 wanted eigsh && step eigsh "${EIGSH_TIMEOUT:-25}" "$PYTHON" bench/bench_eigsh.py --gpu --n 65536 --heads 12
 wanted knn && step knn "${KNN_TIMEOUT:-30}" "$PYTHON" bench/bench_knn.py --device cuda --n 1000000 --methods blockwise
 if wanted dataset; then
