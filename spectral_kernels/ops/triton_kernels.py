@@ -279,19 +279,21 @@ def _exp_tile(lhs, rhs_base, row_shift, col_shift_base, rows, cols, dims, s_n, s
 
 
 @triton.jit
-def _symmetric_tile(q_rows, k_rows, alpha_rows, beta_rows, q_base, k_base, alpha_base, beta_base,
-                    rows, cols, dims, sq_n, sq_d, sk_n, sk_d, sa_n, sb_n, N, scale_log2,
-                    D: tl.constexpr, HAS_ROW_OFFSET: tl.constexpr, HAS_COL_OFFSET: tl.constexpr,
+def _symmetric_tile(q_rows, k_rows, alpha_rows, beta_rows, q_base, k_base, x_base, alpha_base, beta_base,
+                    rows, cols, dims, lanes, sq_n, sq_d, sk_n, sk_d, sx_n, sx_w, sa_n, sb_n, N, scale_log2,
+                    D: tl.constexpr, W: tl.constexpr, HAS_ROW_OFFSET: tl.constexpr, HAS_COL_OFFSET: tl.constexpr,
                     SAME_QK: tl.constexpr, PAIRED: tl.constexpr, QK_FP32: tl.constexpr, DOT_FP32: tl.constexpr,
-                    UPCAST_BF16: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr):
+                    UPCAST_BF16: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_N: tl.constexpr):
     """E_IJ = exp(S_IJ − α_I − β_J), or with PAIRED (ignored when SAME_QK) the symmetric
-    pair tile T_IJ = E_IJ + (E_JI)ᵀ, whose second term is exp(τ K_I·Q_Jᵀ − β_I − α_J)."""
+    pair tile T_IJ = E_IJ + (E_JI)ᵀ, whose second term is exp(τ K_I·Q_Jᵀ − β_I − α_J); and
+    the X rows of the tile's columns."""
     p = _exp_tile(q_rows, k_base, alpha_rows, beta_base, rows, cols, dims, sk_n, sk_d, sb_n, N, scale_log2,
                   D, HAS_ROW_OFFSET, HAS_COL_OFFSET, QK_FP32, DOT_FP32, UPCAST_BF16, BLOCK_D, EVEN_N)
     if PAIRED and not SAME_QK:
         p += _exp_tile(k_rows, q_base, beta_rows, alpha_base, rows, cols, dims, sq_n, sq_d, sa_n, N, scale_log2,
                        D, HAS_COL_OFFSET, HAS_ROW_OFFSET, QK_FP32, DOT_FP32, UPCAST_BF16, BLOCK_D, EVEN_N)
-    return p
+    x_cols = _load_tile(x_base, cols, lanes, sx_n, sx_w, N, W, EVEN_N, W == BLOCK_W, UPCAST_BF16)
+    return p, x_cols
 
 
 @triton.jit
@@ -337,20 +339,18 @@ def _symmetric_one_head(Q, K, X, ROW_OFFSET, COL_OFFSET, y_base, g, hh, weight,
         band_end = tl.minimum(row0 + BLOCK_ROWS, N)
         for col0 in range(row0, band_end, BLOCK_COLS):
             cols = col0 + tl.arange(0, BLOCK_COLS)
-            p = _symmetric_tile(q_rows, k_rows, alpha_rows, beta_rows, q_base, k_base, alpha_base, beta_base,
-                                rows, cols, dims, sq_n, sq_d, sk_n, sk_d, sa_n, sb_n, N, scale_log2,
-                                D, HAS_ROW_OFFSET, HAS_COL_OFFSET, SAME_QK, PAIRED, QK_FP32, DOT_FP32, UPCAST_BF16,
-                                BLOCK_D, EVEN_N)
-            x_cols = _load_tile(x_base, cols, lanes, sx_n, sx_w, N, W, EVEN_N, W == BLOCK_W, UPCAST_BF16)
+            p, x_cols = _symmetric_tile(q_rows, k_rows, alpha_rows, beta_rows, q_base, k_base, x_base, alpha_base,
+                                        beta_base, rows, cols, dims, lanes, sq_n, sq_d, sk_n, sk_d, sx_n, sx_w, sa_n,
+                                        sb_n, N, scale_log2, D, W, HAS_ROW_OFFSET, HAS_COL_OFFSET, SAME_QK, PAIRED,
+                                        QK_FP32, DOT_FP32, UPCAST_BF16, BLOCK_D, BLOCK_W, EVEN_N)
             acc = _dot_px(acc, p, x_cols, PX_MODE, UPCAST_BF16, DOT_FP32)
         col_start = row0 + BLOCK_ROWS
     for col0 in range(col_start, N, BLOCK_COLS):
         cols = col0 + tl.arange(0, BLOCK_COLS)
-        p = _symmetric_tile(q_rows, k_rows, alpha_rows, beta_rows, q_base, k_base, alpha_base, beta_base,
-                            rows, cols, dims, sq_n, sq_d, sk_n, sk_d, sa_n, sb_n, N, scale_log2,
-                            D, HAS_ROW_OFFSET, HAS_COL_OFFSET, SAME_QK, PAIRED, QK_FP32, DOT_FP32, UPCAST_BF16,
-                            BLOCK_D, EVEN_N)
-        x_cols = _load_tile(x_base, cols, lanes, sx_n, sx_w, N, W, EVEN_N, W == BLOCK_W, UPCAST_BF16)
+        p, x_cols = _symmetric_tile(q_rows, k_rows, alpha_rows, beta_rows, q_base, k_base, x_base, alpha_base,
+                                    beta_base, rows, cols, dims, lanes, sq_n, sq_d, sk_n, sk_d, sx_n, sx_w, sa_n, sb_n,
+                                    N, scale_log2, D, W, HAS_ROW_OFFSET, HAS_COL_OFFSET, SAME_QK, PAIRED, QK_FP32,
+                                    DOT_FP32, UPCAST_BF16, BLOCK_D, BLOCK_W, EVEN_N)
         acc = _dot_px(acc, p, x_cols, PX_MODE, UPCAST_BF16, DOT_FP32)
         col_part = _dot_px(tl.zeros([BLOCK_COLS, BLOCK_W], dtype=tl.float32), tl.trans(p), x_rows,
                            PX_MODE, UPCAST_BF16, DOT_FP32)
