@@ -159,6 +159,18 @@ def test_dense_batch_loss_matches_softmax_reference(rng, graph_kind):
     orth_only = graph.loss(logits.softmax(1).flatten(2).transpose(1, 2), w_eig=0.0, w_orth=1.0)
     torch.testing.assert_close(eig_only + orth_only, ref, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(loss, 2.0 * eig_only + 0.5 * orth_only, rtol=1e-12, atol=1e-12)
+    # training: the quotients come from one symmetric pass with the row LSE cached per batch
+    # graph; value and gradient against autograd through the dense softmax, twice (cached LSE)
+    for _ in range(2):
+        theta = logits.clone().requires_grad_()
+        ours = graph.loss(theta.softmax(1).flatten(2).transpose(1, 2), w_eig=1.0, w_orth=1.0)
+        (grad,) = torch.autograd.grad(ours, theta)
+        theta_ref = logits.clone().requires_grad_()
+        ref = official_loss(dense, theta_ref.softmax(1), [lf.grid for lf in layers], base)
+        (grad_ref,) = torch.autograd.grad(ref, theta_ref)
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-6, atol=1e-9)
+    assert all(lse is not None for lse in graph._row_lse)
 
 
 def test_symmetric_sparse_product_gradcheck(rng):

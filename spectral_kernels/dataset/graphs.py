@@ -17,8 +17,9 @@ layer has one head — here every head of a layer gets that layer's weight) and 
   sit in one block-diagonal sparse W, so a step is one sparse product; the gradient uses
   Wᵀ = W (A z = D⁻¹(W z), Aᵀ g = W (D⁻¹ g)), so no transposed matrix is ever built.
 * ``DenseBatchGraph`` (mode "dense"): the implicit dense graph P = softmax(τ q kᵀ) over all
-  the batch's tokens (intra and inter edges), applied with ``affinity_matmul`` — no N×N
-  array. For VV graphs q = k = unit v and τ = 1/temperature.
+  the batch's tokens (intra and inter edges): zᵀPz and its gradient from one symmetric pass
+  with the row log-sum-exp cached per batch — no N×N array. For VV graphs q = k = unit v
+  and τ = 1/temperature.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ from torch import Tensor
 
 from ..knn import knn_graph
 from ..pooling import GridPooling
-from ..objective import normalize_columns, off_diagonal
-from ..ops import affinity_matmul
+from ..objective import normalize_columns, off_diagonal, softmax_quadratic_form
+from ..ops import affinity_logsumexp, affinity_matmul
 from .features import LayerFeatures
 
 __all__ = ["KnnBatchGraph", "DenseBatchGraph", "block_diagonal_csr", "layer_weight"]
@@ -142,7 +143,12 @@ class KnnBatchGraph(_BatchGraph):
 
 
 class DenseBatchGraph(_BatchGraph):
-    """Implicit dense mode: P = softmax(τ q kᵀ) over all the batch's tokens, via the primitive."""
+    """Implicit dense mode: P = softmax(τ q kᵀ) over all the batch's tokens, via the primitive.
+
+    The row log-sum-exp of each layer's scores is computed once per batch (it depends only on
+    q, k), so every inner step costs one symmetric pass per layer for the quotients zᵀPz and
+    their gradient (``softmax_quadratic_form``) instead of a softmax pass and its transpose.
+    """
 
     def __init__(self, layers: list[LayerFeatures], index: Tensor, base_grid, *, graph: str, temperature: float,
                  device, dtype=torch.float32, backend: str = "auto"):
@@ -154,10 +160,18 @@ class DenseBatchGraph(_BatchGraph):
             k = q if lf.b is None else _flat_batch(lf.b[index].to(device, dtype))
             scale = 1.0 / temperature if graph == "vv" else lf.scale
             self.qk.append((q, k, scale))
+        self._row_lse = [None] * len(self.qk)
 
     def quotients(self, zs: list[Tensor]) -> list[Tensor]:
         out = []
-        for z, (q, k, scale) in zip(zs, self.qk):
-            pz = affinity_matmul(q, k, z[None], scale=scale, normalize="row", backend=self.backend)
-            out.append((pz * z[None]).sum(-2))                   # (H, K)
+        for i, (z, (q, k, scale)) in enumerate(zip(zs, self.qk)):
+            if not (torch.is_grad_enabled() and z.requires_grad):
+                # values only (e.g. the final per-image eigenvalues): one softmax pass
+                pz = affinity_matmul(q, k, z[None], scale=scale, normalize="row", backend=self.backend)
+                out.append((pz * z[None]).sum(-2))                        # (H, K)
+                continue
+            if self._row_lse[i] is None:  # first inner step of this batch
+                self._row_lse[i] = affinity_logsumexp(q, k, scale=scale, backend=self.backend)
+            out.append(softmax_quadratic_form(q, k, z, row_lse=self._row_lse[i], scale=scale,
+                                              backend=self.backend))      # (H, K)
         return out
