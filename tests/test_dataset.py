@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from spectral_kernels.dataset import DatasetRun, analyze_dataset
 from spectral_kernels.dataset.features import LayerFeatures
-from spectral_kernels.dataset.graphs import DenseBatchGraph, KnnBatchGraph, block_diagonal_csr
+from spectral_kernels.dataset.graphs import DenseBatchGraph, KnnBatchGraph, block_diagonal_csr, compact_csr
 from spectral_kernels.dataset.results import joint_orthogonalize
 from spectral_kernels.dataset.table import LogitTableState
 from spectral_kernels.models.capture import LayerCapture
@@ -185,6 +185,12 @@ def test_block_diagonal_csr_matches_dense(rng):
     mats = [torch.randn(n, n, generator=rng).relu() for n in (3, 1, 5)]
     out = block_diagonal_csr([m.to_sparse_csr() for m in mats])
     torch.testing.assert_close(out.to_dense(), torch.block_diag(*mats))
+    # int32 indices where they fit (half the index memory), also from int32 and mixed inputs
+    assert out.crow_indices().dtype == torch.int32 and out.col_indices().dtype == torch.int32
+    mixed = block_diagonal_csr([compact_csr(mats[0].to_sparse_csr()), mats[2].to_sparse_csr()])
+    torch.testing.assert_close(mixed.to_dense(), torch.block_diag(mats[0], mats[2]))
+    x = torch.randn(9, 2, generator=rng)  # 3 + 1 + 5 rows
+    torch.testing.assert_close(out @ x, torch.block_diag(*mats) @ x)
 
 
 # --------------------------------------------------------------------------- optimiser and EMA
