@@ -191,6 +191,10 @@ def test_block_diagonal_csr_matches_dense(rng):
     torch.testing.assert_close(mixed.to_dense(), torch.block_diag(mats[0], mats[2]))
     x = torch.randn(9, 2, generator=rng)  # 3 + 1 + 5 rows
     torch.testing.assert_close(out @ x, torch.block_diag(*mats) @ x)
+    blocks = [m.to_sparse_csr() for m in mats]
+    consumed = block_diagonal_csr(blocks, consume=True)  # each block released once copied
+    assert blocks == [None, None, None]
+    torch.testing.assert_close(consumed.to_dense(), torch.block_diag(*mats))
 
 
 # --------------------------------------------------------------------------- optimiser and EMA

@@ -60,21 +60,32 @@ def compact_csr(g: Tensor) -> Tensor:
                                    check_invariants=False)
 
 
-def block_diagonal_csr(graphs: list[Tensor]) -> Tensor:
+def block_diagonal_csr(graphs: list[Tensor], *, consume: bool = False) -> Tensor:
     """Square CSR matrices → one block-diagonal CSR matrix (no dense intermediate), with
-    int32 indices when the result fits."""
-    dtype = _index_dtype(sum(g.shape[0] for g in graphs), sum(g.values().numel() for g in graphs))
-    crows, cols, vals = [], [], []
+    int32 indices when the result fits. The result is allocated once and filled block by
+    block; ``consume=True`` releases each list entry once copied (peak: the result plus one
+    block, not twice the result)."""
+    sizes = [g.shape[0] for g in graphs]
+    counts = [g.values().numel() for g in graphs]
+    n_total, nnz_total = sum(sizes), sum(counts)
+    dtype = _index_dtype(n_total, nnz_total)
+    like = graphs[0].values() if graphs else torch.empty(0)
+    crow = torch.empty(n_total + 1, dtype=dtype, device=like.device)
+    cols = torch.empty(nnz_total, dtype=dtype, device=like.device)
+    vals = torch.empty(nnz_total, dtype=like.dtype, device=like.device)
+    crow[:1] = 0
     n_rows = nnz = 0
-    for i, g in enumerate(graphs):
-        crow = g.crow_indices().to(dtype)
-        crows.append(crow[(0 if i == 0 else 1):] + nnz)
-        cols.append(g.col_indices().to(dtype) + n_rows)
-        vals.append(g.values())
-        n_rows += g.shape[0]
-        nnz += g.values().numel()
-    return torch.sparse_csr_tensor(torch.cat(crows), torch.cat(cols), torch.cat(vals), (n_rows, n_rows),
-                                   check_invariants=False)
+    for i, (rows, count) in enumerate(zip(sizes, counts)):
+        g = graphs[i]
+        crow[n_rows + 1:n_rows + rows + 1] = g.crow_indices()[1:] + nnz
+        cols[nnz:nnz + count] = g.col_indices() + n_rows
+        vals[nnz:nnz + count] = g.values()
+        if consume:
+            graphs[i] = None
+        del g
+        n_rows += rows
+        nnz += count
+    return torch.sparse_csr_tensor(crow, cols, vals, (n_total, n_total), check_invariants=False)
 
 
 class _SymmetricSparseProduct(torch.autograd.Function):
@@ -145,8 +156,7 @@ class KnnBatchGraph(_BatchGraph):
                 blocks.append(compact_csr(knn_graph(q, k, n_intra=n_intra, n_inter=n_inter, image_ids=ids,
                                                     threshold=threshold, normalize="none")))
             self.sizes.append((a.shape[0], n_tokens))
-        self.w = block_diagonal_csr(blocks)
-        del blocks
+        self.w = block_diagonal_csr(blocks, consume=True)
         crow = self.w.crow_indices()
         rows = torch.repeat_interleave(torch.arange(self.w.shape[0], device=crow.device), crow.diff().long())
         degree = torch.zeros(self.w.shape[0], dtype=dtype, device=crow.device).index_add_(0, rows, self.w.values())
