@@ -63,7 +63,7 @@ else
 fi
 wanted new_code && step new_code "${NEW_CODE_TIMEOUT:-80}" "$PYTHON" -m pytest -q -m gpu \
     tests/test_triton_backend.py::test_gpu_against_reference tests/test_solver.py tests/test_cuda_backend.py \
-    -k "gpu_against or cuda_graph or separate_row"
+    tests/test_knn.py -k "gpu_against or cuda_graph or separate_row or wide_tiles"
 wanted primitive && step primitive "${PRIMITIVE_TIMEOUT:-110}" "$PYTHON" bench/gpu_bench.py --sizes 65536,262144
 wanted solver && step solver "${SOLVER_TIMEOUT:-100}" "$PYTHON" bench/bench_solver.py --device cuda --steps 30 \
     --methods dense,solver,solver+graph,solver+graph+bf16 --full-run 2000 --full-run-methods solver+graph+bf16

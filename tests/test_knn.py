@@ -357,3 +357,19 @@ def test_cuda_matches_cpu(rng):
     gpu = knn_graph(v.cuda(), v.cuda(), n_intra=8, n_inter=8, image_ids=ids.cuda(), block_size=(512, 1024))
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.to_dense().cpu(), cpu.to_dense(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.gpu
+def test_cuda_wide_tiles_with_block_max_prefilter_match_plain_cpu(rng, monkeypatch):
+    """The default CUDA tiles (width ≥ 16 384) go through the block-maximum prefilter; the
+    CPU reference here runs plain torch.topk: same graph in float64."""
+    from spectral_kernels import knn as knn_module
+    sizes = [1024] * 20
+    ids = shuffled_image_ids(sizes, rng)
+    v = torch.randn(sum(sizes), 32, generator=rng, dtype=torch.float64)
+    gpu = knn_graph(v.cuda(), v.cuda(), n_intra=20, n_inter=30, image_ids=ids.cuda())
+    monkeypatch.setattr(knn_module, "PREFILTER_MIN_WIDTH", 10**9)
+    cpu = knn_graph(v, v, n_intra=20, n_inter=30, image_ids=ids)
+    assert torch.equal(gpu.crow_indices().cpu(), cpu.crow_indices())
+    assert torch.equal(gpu.col_indices().cpu(), cpu.col_indices())  # same edges (N² dense is 3 GB)
+    torch.testing.assert_close(gpu.values().cpu(), cpu.values(), rtol=1e-12, atol=1e-14)
