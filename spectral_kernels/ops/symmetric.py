@@ -15,7 +15,7 @@ from torch import Tensor
 from . import backends
 from ._common import (_check_backend, _layout, _out_shape, _reject_data_gradients, _shape_key,
                       _transposed_cotangent, call_op)
-from ._layout import compute_dtype, same_tensor
+from ._layout import compute_dtype, same_tensor, symmetric_offsets_args
 
 __all__ = ["affinity_symmetric_matmul"]
 
@@ -77,17 +77,14 @@ def affinity_symmetric_matmul(q: Tensor, k: Tensor, x: Tensor, *, scale: float |
     half the tiles.
     """
     _check_backend(backend)
-    if offset is not None and (row_offset is not None or col_offset is not None):
-        raise ValueError("pass either offset (α = β) or row_offset/col_offset, not both")
+    alpha, beta = symmetric_offsets_args(offset, row_offset, col_offset)  # rejects offset with the others
     same_offsets = offset is not None
-    if same_offsets:
-        row_offset = offset
-    lay = _layout(q, k, x, scale, row_offset, None if same_offsets else col_offset, head_weights, square=True,
+    lay = _layout(q, k, x, scale, alpha, None if same_offsets else beta, head_weights, square=True,
                   row_name="offset" if same_offsets else "row_offset")
-    _reject_data_gradients(q=q, k=k, offset=offset, row_offset=None if same_offsets else row_offset,
-                           col_offset=col_offset, head_weights=head_weights)
+    _reject_data_gradients(q=q, k=k, offset=offset, row_offset=row_offset, col_offset=col_offset,
+                           head_weights=head_weights)
     k4 = lay.q if q is k else lay.k  # keep the shared-tensor identity visible to backends
-    beta = lay.row_offset if same_offsets else lay.col_offset  # α = β: one tensor, seen as such
-    y = call_op(_symmetric_op, _symmetric_impl, lay.q, k4, lay.x, lay.scale, lay.row_offset, beta,
+    beta4 = lay.row_offset if same_offsets else lay.col_offset  # α = β: one tensor, seen as such
+    y = call_op(_symmetric_op, _symmetric_impl, lay.q, k4, lay.x, lay.scale, lay.row_offset, beta4,
                 lay.head_weights, backend, grad_inputs=(lay.x,))
     return y.reshape(*lay.out_batch, *y.shape[-2:])
