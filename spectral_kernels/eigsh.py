@@ -165,15 +165,22 @@ def _orthonormalize(v: Tensor, against: list, algebra, rank_tol: float = 1e-10) 
         v = _project_out(v, against, algebra)
     if v.shape[1] == 0:
         return v
-    norms = algebra.col_norms(v)
-    keep = norms > rank_tol * max(float(norms.max()), 1e-300)
-    v = v[:, keep] / norms[keep]
+    v, = _unit_columns(algebra, rank_tol, v)
     if v.shape[1] == 0:
         return v
     for _ in range(2):  # twice: one SVQB pass leaves O(ε·cond) loss of orthogonality
         v = v @ _svqb(v, algebra, rank_tol)
         v = _project_out(v, against, algebra)  # the final projection keeps orthogonality to ε
     return v
+
+
+def _unit_columns(algebra, rank_tol: float, v: Tensor, *carried: Tensor) -> tuple:
+    """v's columns scaled to unit norm, those that cancelled out (relative norm < rank_tol)
+    dropped; each tensor in ``carried`` (e.g. v's image A·v) gets the same column operations."""
+    norms = algebra.col_norms(v)
+    largest = float(norms.max()) if norms.numel() else 0.0
+    keep = norms > rank_tol * max(largest, 1e-300)
+    return tuple(t[:, keep] / norms[keep] for t in (v, *carried))
 
 
 def _svqb(v: Tensor, algebra, rank_tol: float = 1e-10) -> Tensor:
@@ -303,8 +310,11 @@ def _fused_start_block(problem: _Problem, apply: _Applier, z: Tensor):
     X, AX = x0.to(torch.float64), apply.record(image)
     for _ in range(2):
         X = _project_out(X, [problem.deflate], algebra)
-    norms = algebra.col_norms(X)
-    X, AX = X / norms, AX / norms
+    # A start column can vanish (an extension of rank < width, e.g. duplicated tokens):
+    # dropped here, as in _orthonormalize, instead of dividing by its zero norm.
+    X, AX = _unit_columns(algebra, 1e-10, X, AX)
+    if X.shape[1] < problem.k:
+        return None
     for _ in range(2):  # as in _orthonormalize, with the image carried along
         transform = _svqb(X, algebra)
         X, AX = X @ transform, AX @ transform

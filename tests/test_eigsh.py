@@ -161,6 +161,31 @@ def test_nystrom_start_on_duplicated_tokens_and_cached_degrees(rng, monkeypatch)
         assert float((v.T @ v - torch.eye(5, dtype=torch.float64)).abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("exclude_trivial", [False, True])
+def test_a_vanishing_fused_start_column_is_dropped(rng, monkeypatch, exclude_trivial):
+    """A start column that is exactly zero (what a rank-deficient Nyström extension of
+    duplicated tokens can give) must not reach the Gram matrix as 0/0 = NaN: it is dropped
+    and the block refilled, and the pairs are still exact."""
+    import importlib
+    eigsh_module = importlib.import_module("spectral_kernels.eigsh")
+    draw = eigsh_module._random_rows
+
+    def with_zero_column(problem, columns, generator):
+        z = draw(problem, columns, generator)
+        z[:, 1] = 0
+        return z
+
+    monkeypatch.setattr(eigsh_module, "_random_rows", with_zero_column)
+    x = clustered(rng, 400, d=8)
+    u = F.normalize(x.double(), dim=-1)
+    skip = 1 if exclude_trivial else 0
+    ref_vals, ref_vecs = top_eigh(ncut_dense(u, u, 4.0), 4, skip=skip)
+    op = VVAffinity(x, temperature=0.25)
+    assert op._fusable()  # the fused start is the path under test
+    vals, vecs = eigsh(op, 4, init="random", exclude_trivial=exclude_trivial)
+    assert_matches(vals, vecs, ref_vals, ref_vecs)
+
+
 def test_nystrom_start_of_a_multihead_kq_graph(rng, monkeypatch):
     """q ≠ k, three weighted heads: the extension is M[:, sample]·u_s with the full degrees."""
     nystrom_everywhere(monkeypatch)
