@@ -378,6 +378,104 @@ def test_available_backends_and_auto_on_cpu():
     assert backends.resolve("auto", torch.device("cpu"), torch.float32).__name__.endswith("blockwise")
 
 
+class _StandInBackend:
+    """A GPU backend stand-in: every call records its name and runs the blockwise torch code."""
+
+    def __init__(self, name, ms, calls, fail=False, hidden=()):
+        self.__name__, self.ms, self.calls, self.fail, self.hidden = name, ms, calls, fail, hidden
+
+    def __getattr__(self, fn):
+        def call(*args, **kwargs):
+            self.calls.append((self.__name__, fn))
+            if self.fail:
+                raise RuntimeError("kernel failed")
+            return getattr(blockwise, fn)(*args, **kwargs)
+        if fn in self.hidden or not hasattr(blockwise, fn):
+            raise AttributeError(fn)
+        return call
+
+
+def test_auto_times_the_very_call_it_dispatches(monkeypatch, rng):
+    """Where cuda and triton compete, "auto" times ``run`` — the dispatched call on its real
+    inputs — on each, once per key, and keeps the faster; a failing or unsupported cuda loses."""
+    from spectral_kernels.ops import backends, cuda_backend
+
+    calls, last = [], []
+    stand_ins = {"cuda": _StandInBackend("cuda", 2.0, calls), "triton": _StandInBackend("triton", 1.0, calls)}
+    monkeypatch.setattr(backends, "available_backends", lambda: ["dense", "torch", "triton", "cuda"])
+    monkeypatch.setattr(backends, "_load", lambda name: cuda_backend if name == "cuda" else stand_ins[name])
+    monkeypatch.setattr(cuda_backend, "importlib", type("M", (), {"import_module": lambda _: stand_ins["cuda"]}))
+
+    def fake_ms(fn):
+        fn()
+        return stand_ins[calls[-1][0]].ms
+    monkeypatch.setattr(cuda_backend, "_median_ms", fake_ms)
+    monkeypatch.setattr(cuda_backend, "_CHOICES", {})
+    gpu = torch.device("cuda")
+    q, x = torch.randn(1, 1, 9, 4, generator=rng), torch.randn(1, 1, 9, 2, generator=rng)
+    a = torch.randn(1, 1, 9, generator=rng)
+
+    def run(module):
+        last.append(module.symmetric_matmul(q, q, x, scale=0.5, row_offset=a, col_offset=None))
+
+    key = ("symmetric_same_qk_separate_offsets", 1, 9, 9, 4, 2, torch.float32)
+    assert backends._auto(gpu, torch.float32, key, run) == "triton"  # 1 ms beats 2 ms
+    assert calls == [("cuda", "symmetric_matmul"), ("triton", "symmetric_matmul")]
+    torch.testing.assert_close(last[0], last[1])  # the real call, on each backend
+    assert backends._auto(gpu, torch.float32, key, run) == "triton" and len(calls) == 2  # cached by key
+    stand_ins["cuda"].ms = 0.5
+    assert backends._auto(gpu, torch.float32, key, run) == "triton"  # still the cached choice
+    key_b = ("symmetric_same_qk", *key[1:])
+    assert backends._auto(gpu, torch.float32, key_b, run) == "cuda"  # another op: timed anew
+    d_too_large = ("symmetric_same_qk", 1, 9, 9, 512, 2, torch.float32)
+    n_calls = len(calls)
+    assert backends._auto(gpu, torch.float32, d_too_large, run) == "triton" and len(calls) == n_calls
+    stand_ins["cuda"].fail = True
+    assert backends._auto(gpu, torch.float32, ("symmetric", *key[1:]), run) == "triton"
+
+
+@pytest.mark.parametrize("case", ["matmul", "softmax", "logsumexp", "rows_cols", "symmetric", "symmetric_qq",
+                                  "symmetric_separate", "pair"])
+def test_each_op_hands_auto_its_own_key_and_call(monkeypatch, rng, case):
+    """The key names the op (and the variants that run differently: q is k, α ≠ β), and
+    ``run`` makes the op's real backend call(s), its fallbacks included."""
+    from spectral_kernels.ops import backends
+
+    seen, calls = [], []
+    # without a fused pair or row+column LSE: the ops' fallbacks run
+    two_pass = _StandInBackend("two_pass", 1.0, calls, hidden=("matmul_pair", "logsumexp_rows_and_cols"))
+
+    def resolve(backend, device, dtype, shape_key=None, run=None):
+        seen.append((shape_key, run))
+        return blockwise
+
+    monkeypatch.setattr(backends, "resolve", resolve)
+    q, k = torch.randn(2, 7, 3, generator=rng), torch.randn(2, 7, 3, generator=rng)
+    x, a = torch.randn(2, 7, 2, generator=rng), torch.randn(2, 7, generator=rng)
+    op, fns = {
+        "matmul": (lambda: sk.affinity_matmul(q, k, x), ("matmul_none", ["matmul"])),
+        "softmax": (lambda: sk.affinity_matmul(q, k, x, normalize="row"), ("matmul_row", ["matmul"])),
+        "logsumexp": (lambda: sk.affinity_logsumexp(q, k), ("logsumexp", ["logsumexp"])),
+        "rows_cols": (lambda: sk.affinity_logsumexp(q, k, return_col_lse=True),
+                      ("logsumexp_rows_and_cols", ["logsumexp", "logsumexp"])),
+        "symmetric": (lambda: sk.affinity_symmetric_matmul(q, k, x, offset=a), ("symmetric", ["symmetric_matmul"])),
+        "symmetric_qq": (lambda: sk.affinity_symmetric_matmul(q, q, x, offset=a),
+                         ("symmetric_same_qk", ["symmetric_matmul"])),
+        "symmetric_separate": (lambda: sk.affinity_symmetric_matmul(q, k, x, row_offset=a),
+                               ("symmetric_separate_offsets", ["symmetric_matmul"])),
+        "pair": (lambda: sk.affinity_matmul_pair(q, k, x, x, row_offset=a), ("pair", ["matmul", "matmul"])),
+    }[case]
+    expected = op()
+    (key, run), = seen
+    name, two_pass_calls = fns
+    assert key == (name, 2, 7, 7, 3, 2 if case not in ("logsumexp", "rows_cols") else None, torch.float32)
+    out = run(two_pass)
+    assert [fn for _, fn in calls] == two_pass_calls
+    first = expected[0] if isinstance(expected, tuple) else expected
+    got = out[0] if isinstance(out, tuple) else out
+    torch.testing.assert_close(got.reshape(-1), first.reshape(-1))  # the op's own result
+
+
 def test_import_does_not_initialise_cuda_or_import_triton():
     import subprocess
     import sys

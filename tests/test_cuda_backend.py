@@ -377,14 +377,24 @@ def test_parity_with_triton(cuda_ready, rng):
 
 
 @pytest.mark.gpu
-def test_backend_listed_and_auto_choice_cached(cuda_ready):
+def test_backend_listed_and_auto_choice_cached(cuda_ready, rng):
     assert "cuda" in backends.available_backends()
-    key = (2, 512, 512, 64, 32, torch.bfloat16)
-    first = cuda_backend.choose_over_triton(key)
+    q = _randn(rng, 1, 2, 512, 64, dtype=torch.bfloat16, device=cuda_ready)
+    x = _randn(rng, 1, 2, 512, 32, dtype=torch.bfloat16, device=cuda_ready)
+
+    def run(module):
+        return module.matmul(q, q, x, scale=0.125, normalize="row")
+
+    key = ("test_matmul_row", 2, 512, 512, 64, 32, torch.bfloat16)
+    first = cuda_backend.choose_over_triton(key, run)
     assert isinstance(first, bool)
-    assert cuda_backend.choose_over_triton(key) is first
+    assert cuda_backend.choose_over_triton(key, run) is first
     assert cuda_backend._CHOICES[key] is first
-    assert cuda_backend.choose_over_triton((1, 64, 64, 512, 8, torch.bfloat16)) is False  # d > 256
+    # d > 256: never the cuda kernels
+    assert cuda_backend.choose_over_triton(("test_matmul_row", 1, 64, 64, 512, 8, torch.bfloat16), run) is False
+    # the public dispatch gets a real choice and the right numbers
+    y = affinity_matmul(q, q, x, normalize="row")
+    assert _rel_err(y, affinity_matmul(q, q, x, normalize="row", backend="triton")) < 2e-2
 
 
 @pytest.mark.gpu

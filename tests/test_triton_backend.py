@@ -681,31 +681,3 @@ def test_eigsh_nystrom_start_through_the_kernels(rng, monkeypatch):
     assert float(((vals.double().cpu() - ref_vals) / ref_vals).abs().max()) < 1e-5
     cosines = torch.linalg.svdvals(torch.linalg.qr(ref_vecs)[0].T @ torch.linalg.qr(vecs.double().cpu())[0])
     assert float(cosines.min()) > 0.999
-
-
-def test_auto_keeps_separate_offsets_off_two_pass_backends(rng, monkeypatch):
-    """backend="auto" chooses cuda vs triton by the row product's speed; the cuda kernels run
-    the symmetric product with α ≠ β as two row products, so auto sends that case to triton
-    (α = β still goes where auto chose)."""
-    from spectral_kernels.ops import backends, blockwise
-
-    used = []
-
-    class TwoPassBackend:  # stands in for the cuda backend
-        ONE_PASS_SEPARATE_OFFSETS = False
-
-        @staticmethod
-        def symmetric_matmul(*args, **kwargs):
-            used.append("two-pass")
-            return blockwise.symmetric_matmul(*args, **kwargs)
-
-    real_resolve = backends.resolve
-    monkeypatch.setattr(backends, "resolve", lambda backend, device, dtype, shape_key=None:
-                        TwoPassBackend if backend == "auto" else real_resolve(backend, device, dtype, shape_key))
-    q, k, x = _randn(rng, 2, 33, 8), _randn(rng, 2, 33, 8), _randn(rng, 2, 33, 3)
-    a = _randn(rng, 2, 33)
-    y = affinity_symmetric_matmul(q, k, x, row_offset=a, backend="auto")
-    assert used == []
-    assert _err(y, reference.symmetric_matmul(*_f64(q, k, x), scale=8 ** -0.5, row_offset=_f64(a)[0])) < 1e-5
-    affinity_symmetric_matmul(q, k, x, offset=a, backend="auto")
-    assert used == ["two-pass"]

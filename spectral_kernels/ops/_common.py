@@ -218,8 +218,10 @@ def _check_backend(backend):
         raise ValueError(f"backend must be one of {('auto',) + backends.BACKEND_NAMES}, got {backend!r}")
 
 
-def _shape_key(q, k, x):
-    return (q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.shape[3], None if x is None else x.shape[-1], q.dtype)
+def _shape_key(op: str, q, k, x):
+    """What ``backend="auto"`` caches its choice by: the op being dispatched and its shape."""
+    return (op, q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.shape[3], None if x is None else x.shape[-1],
+            q.dtype)
 
 
 def _out_shape(q, x, head_weights):

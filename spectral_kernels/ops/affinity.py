@@ -34,9 +34,13 @@ def _matmul_impl(q: Tensor, k: Tensor, x: Tensor, scale: float, row_offset: Opti
         y = torch.zeros(_out_shape(q, x, head_weights), dtype=x.dtype, device=q.device)
         lse = torch.full((g, h, n), -math.inf, dtype=dtype, device=q.device)
         return y, (lse if normalize == "row" else lse.new_empty(0))
-    module = backends.resolve(backend, q.device, dtype, _shape_key(q, k, x))
-    y, lse = module.matmul(q, k, x.expand(g, h, *x.shape[2:]), scale=scale, row_offset=row_offset,
-                           col_offset=col_offset, normalize=normalize, head_weights=head_weights)
+    x4 = x.expand(g, h, *x.shape[2:])
+
+    def run(module):
+        return module.matmul(q, k, x4, scale=scale, row_offset=row_offset, col_offset=col_offset,
+                             normalize=normalize, head_weights=head_weights)
+
+    y, lse = run(backends.resolve(backend, q.device, dtype, _shape_key(f"matmul_{normalize}", q, k, x), run))
     return y.to(x.dtype), (lse.to(dtype) if lse is not None else y.new_empty(0, dtype=dtype))
 
 
@@ -79,8 +83,10 @@ def _logsumexp_impl(q: Tensor, k: Tensor, scale: float, col_offset: Optional[Ten
     dtype = compute_dtype(q, k)
     if n == 0 or k.shape[2] == 0:
         return torch.full((g, h, n), -math.inf, dtype=dtype, device=q.device)
-    module = backends.resolve(backend, q.device, dtype, _shape_key(q, k, None))
-    return module.logsumexp(q, k, scale=scale, col_offset=col_offset).to(dtype)
+    def run(module):
+        return module.logsumexp(q, k, scale=scale, col_offset=col_offset)
+
+    return run(backends.resolve(backend, q.device, dtype, _shape_key("logsumexp", q, k, None), run)).to(dtype)
 
 
 _logsumexp_op = torch.library.custom_op("spectral_kernels::affinity_logsumexp", _logsumexp_impl, mutates_args=())
@@ -98,12 +104,14 @@ def _rows_cols_impl(q: Tensor, k: Tensor, scale: float, backend: str) -> tuple[T
     if n == 0 or m_tokens == 0:
         return (torch.full((g, h, n), -math.inf, dtype=dtype, device=q.device),
                 torch.full((g, h, m_tokens), -math.inf, dtype=dtype, device=q.device))
-    module = backends.resolve(backend, q.device, dtype, _shape_key(q, k, None))
-    one_pass = getattr(module, "logsumexp_rows_and_cols", None)
-    if one_pass is not None:
-        r, c = one_pass(q, k, scale=scale)
-    else:  # backends without it: the column LSE is the row LSE with q and k swapped
-        r, c = module.logsumexp(q, k, scale=scale), module.logsumexp(k, q, scale=scale)
+    def run(module):
+        one_pass = getattr(module, "logsumexp_rows_and_cols", None)
+        if one_pass is not None:
+            return one_pass(q, k, scale=scale)
+        # backends without it: the column LSE is the row LSE with q and k swapped
+        return module.logsumexp(q, k, scale=scale), module.logsumexp(k, q, scale=scale)
+
+    r, c = run(backends.resolve(backend, q.device, dtype, _shape_key("logsumexp_rows_and_cols", q, k, None), run))
     return r.to(dtype), c.to(dtype)
 
 

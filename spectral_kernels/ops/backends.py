@@ -61,12 +61,18 @@ def backend_supports(name: str, device: torch.device, dtype: torch.dtype) -> boo
     return device.type == "cuda"
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype, shape_key=None):
-    """The backend module to run for these inputs; ``auto`` picks the fastest available."""
+def resolve(backend: str, device: torch.device, dtype: torch.dtype, shape_key=None, run=None):
+    """The backend module to run for these inputs; ``auto`` picks the fastest available.
+
+    ``run(module)`` is the call being dispatched (on its real inputs) and ``shape_key`` what
+    the choice is cached by (``_common._shape_key``): where two GPU backends compete, auto
+    times that very call on each (once per key), fallbacks such as two passes for a fused
+    product included.
+    """
     if backend not in BACKEND_NAMES and backend != "auto":
         raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
     if backend == "auto":
-        backend = _auto(device, dtype, shape_key)
+        backend = _auto(device, dtype, shape_key, run)
     if backend not in ("dense", "torch") and backend not in available_backends():
         raise ValueError(f"backend {backend!r} is not available here (available: {available_backends()})")
     if not backend_supports(backend, device, dtype):
@@ -74,13 +80,13 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, shape_key=No
     return _load(backend)
 
 
-def _auto(device, dtype, shape_key):
+def _auto(device, dtype, shape_key, run):
     if device.type != "cuda" or dtype == torch.float64:
         return "torch"  # interpreted Triton is for tests, never the fast path on CPU
     names = available_backends()
-    if "cuda" in names:
-        # choose_over_triton measures once per shape (cached) and says False for shapes the
-        # cuda kernels cannot run (d > 256, ...); those go to triton, or torch without it.
-        if _load("cuda").choose_over_triton(shape_key):
+    if "cuda" in names and shape_key is not None and run is not None:
+        # choose_over_triton times the call once per key (cached) and says False for shapes
+        # the cuda kernels cannot run (d > 256, ...); those go to triton, or torch without it.
+        if _load("cuda").choose_over_triton(shape_key, run):
             return "cuda"
     return "triton" if "triton" in names else "torch"

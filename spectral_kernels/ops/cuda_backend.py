@@ -25,8 +25,6 @@ __all__ = ["is_available", "matmul", "logsumexp", "symmetric_matmul", "choose_ov
 MAX_HEAD_DIM = 256  # the kernels are templated on d padded to 32, 64, 128 or 256
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _VECTOR_ELEMENTS = 8  # 16 bytes of fp16/bf16: the unit of the kernels' shared-memory loads
-# The symmetric kernel reads one offset vector: α ≠ β runs as two row products (auto prefers triton then).
-ONE_PASS_SEPARATE_OFFSETS = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -149,25 +147,13 @@ def _median_ms(fn, runs=_TIMED_RUNS):
     return sorted(times)[len(times) // 2]
 
 
-def _timing_problem(shape_key):
-    """Random inputs shaped like the call being dispatched (the op the key describes)."""
-    batch, n, m_keys, d, width, dtype = shape_key
-    device = torch.device("cuda", torch.cuda.current_device())
-    q = torch.randn(1, batch, n, d, device=device, dtype=dtype)
-    k = torch.randn(1, batch, m_keys, d, device=device, dtype=dtype)
-    scale = d ** -0.5
-    if width is None:
-        return lambda backend: backend.logsumexp(q, k, scale=scale)
-    x = torch.randn(1, batch, m_keys, width, device=device, dtype=dtype)
-    return lambda backend: backend.matmul(q, k, x, scale=scale, normalize="row")
+def choose_over_triton(shape_key, run) -> bool:
+    """True when this backend beats triton on the call ``run(module)`` (timed once per key, cached).
 
-
-def choose_over_triton(shape_key) -> bool:
-    """True when this backend beats triton on problems of this shape (timed once, cached).
-
-    shape_key is ``(G·H, N, M, d, m or None, dtype)`` as built by ``ops._common``; the
-    row-softmax product (or the log-sum-exp when m is None) is timed with CUDA events on
-    random inputs of that shape. A backend that fails on the shape loses.
+    shape_key is ``(op, G·H, N, M, d, m or None, dtype)`` as built by ``ops._common``; ``run``
+    is the call being dispatched, on its real inputs, so what is timed is exactly what would
+    run — e.g. the symmetric product with α ≠ β, which these kernels take in two passes.
+    Timed with CUDA events; a backend that fails on the call loses.
     """
     if shape_key in _CHOICES:
         return _CHOICES[shape_key]
@@ -176,11 +162,10 @@ def choose_over_triton(shape_key) -> bool:
     triton_backend = backends._load("triton")
     choice = True
     try:
-        _, _, _, d, _, dtype = shape_key
+        *_, d, _, dtype = shape_key
         if dtype not in SUPPORTED_DTYPES or d > MAX_HEAD_DIM:
             choice = False
         elif triton_backend is not None:
-            run = _timing_problem(shape_key)
             cuda_ms = _median_ms(lambda: run(importlib.import_module(__name__)))
             try:
                 triton_ms = _median_ms(lambda: run(triton_backend))

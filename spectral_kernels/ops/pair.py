@@ -32,13 +32,15 @@ def _pair_impl(q: Tensor, k: Tensor, x: Tensor, w: Tensor, scale: float, row_off
     if n == 0 or m_tokens == 0 or x.shape[-1] == 0:
         return (torch.zeros(g, h, n, x.shape[-1], dtype=x.dtype, device=q.device),
                 torch.zeros(g, h, m_tokens, w.shape[-1], dtype=w.dtype, device=q.device))
-    module = backends.resolve(backend, q.device, compute_dtype(q, k, x, w), _shape_key(q, k, x))
     x4, w4 = x.expand(g, h, *x.shape[2:]), w.expand(g, h, *w.shape[2:])
-    fused = getattr(module, "matmul_pair", None)
-    if fused is not None:
-        y, yt = fused(q, k, x4, w4, scale=scale, row_offset=row_offset, col_offset=col_offset)
-    else:
-        y, yt = _pair_with_two_calls(module, q, k, x4, w4, scale, row_offset, col_offset)
+
+    def run(module):
+        fused = getattr(module, "matmul_pair", None)
+        if fused is not None:
+            return fused(q, k, x4, w4, scale=scale, row_offset=row_offset, col_offset=col_offset)
+        return _pair_with_two_calls(module, q, k, x4, w4, scale, row_offset, col_offset)
+
+    y, yt = run(backends.resolve(backend, q.device, compute_dtype(q, k, x, w), _shape_key("pair", q, k, x), run))
     return y.to(x.dtype), yt.to(w.dtype)
 
 

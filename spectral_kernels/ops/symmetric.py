@@ -25,15 +25,16 @@ def _symmetric_impl(q: Tensor, k: Tensor, x: Tensor, scale: float, row_offset: O
     g, h, n, _ = q.shape
     if n == 0 or x.shape[-1] == 0:
         return torch.zeros(_out_shape(q, x, head_weights), dtype=x.dtype, device=q.device)
-    dtype = compute_dtype(q, k, x)
-    module = backends.resolve(backend, q.device, dtype, _shape_key(q, k, x))
-    if backend == "auto" and not same_tensor(row_offset, col_offset) and \
-            not getattr(module, "ONE_PASS_SEPARATE_OFFSETS", True) and "triton" in backends.available_backends():
-        # auto chose by the row product's speed; this backend would take two passes here
-        module = backends.resolve("triton", q.device, dtype)
-    y = module.symmetric_matmul(q, k, x.expand(g, h, *x.shape[2:]), scale=scale, row_offset=row_offset,
-                                col_offset=col_offset, head_weights=head_weights)
-    return y.to(x.dtype)
+    x4 = x.expand(g, h, *x.shape[2:])
+
+    def run(module):
+        return module.symmetric_matmul(q, k, x4, scale=scale, row_offset=row_offset, col_offset=col_offset,
+                                       head_weights=head_weights)
+
+    # Keyed apart: q is k (half the tiles) and α ≠ β (two passes on some backends) time differently.
+    op = "symmetric" + ("_same_qk" if same_tensor(q, k) else "") + \
+        ("" if same_tensor(row_offset, col_offset) else "_separate_offsets")
+    return run(backends.resolve(backend, q.device, compute_dtype(q, k, x), _shape_key(op, q, k, x), run)).to(x.dtype)
 
 
 _symmetric_op = torch.library.custom_op("spectral_kernels::affinity_symmetric_matmul", _symmetric_impl,
