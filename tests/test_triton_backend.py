@@ -515,21 +515,26 @@ POINTERS = {"Q": "bf16", "K": "bf16", "X": "bf16", "WQ": "bf16", "YT": "fp32", "
             "HEAD_WEIGHTS": "fp32", "Y": "fp32", "LSE": "fp32"}
 UNIT_STRIDES = {"sq_d": 1, "sk_d": 1, "sx_w": 1, "sw_w": 1, "sy_w": 1, "st_w": 1}  # what Triton specialises at launch
 
-def compile_hopper(fn, constexprs, num_warps, num_stages):
+def compile_hopper(fn, constexprs, num_warps, num_stages, aligned=False):
+    # aligned: as a launch on 16-byte aligned tensors with sizes and strides divisible by 16
+    # specialises the kernel (what lets the column atomics be 16-byte vectors).
     constexprs = {**constexprs, **{k: v for k, v in UNIT_STRIDES.items() if k in fn.arg_names}}
     signature = {name: "constexpr" if name in constexprs else
                  "*" + POINTERS[name] if name in POINTERS else
                  "fp32" if name == "scale_log2" else "i32" for name in fn.arg_names}
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if aligned and signature[name] not in ("constexpr", "fp32")}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                          options={"num_warps": num_warps, "num_stages": num_stages}).asm["ptx"]
     assert "wgmma.mma_async" in ptx, fn.__name__  # Hopper tensor cores, not the mma.sync path
     return ptx
 
-def has_column_atomics(ptx):
+def has_column_atomics(ptx, vector=""):
     # Triton 3.9 writes the unused-result float add as red.global, 3.6 (the GPU image) as
-    # atom.global; ptxas turns both into the same REDG instruction.
-    return re.search(r"\b(?:red|atom)\.global(?:\.[a-z]+)*\.add\.f32\b", ptx) is not None
+    # atom.global; ptxas turns both into the same REDG instruction. vector: ".v4" for the
+    # 16-byte form (a quarter of the atomic instructions).
+    return re.search(r"\b(?:red|atom)\.global(?:\.[a-z]+)*\.add" + re.escape(vector) + r"\.f32\b", ptx) is not None
 
 common = dict(D=64, W=32, BLOCK_D=64, BLOCK_W=32, QK_FP32=False, DOT_FP32="tf32x3", PX_MODE=K.PX_BF16,
               UPCAST_BF16=False)
@@ -544,10 +549,14 @@ for same, paired in ((True, False), (False, False), (False, True)):
                          HEAD_SUM=not same, SAME_QK=same, PAIRED=paired, BLOCK_ROWS=256 if not paired else 128,
                          BLOCK_COLS=64, EVEN_N=same), 8, 2)
     assert has_column_atomics(ptx)
+    ptx = compile_hopper(K._symmetric_kernel, dict(common, HAS_ROW_OFFSET=True, HAS_COL_OFFSET=same or paired,
+                         HEAD_SUM=not same, SAME_QK=same, PAIRED=paired, BLOCK_ROWS=256 if not paired else 128,
+                         BLOCK_COLS=64, EVEN_N=True), 8, 2, aligned=True)
+    assert has_column_atomics(ptx, ".v4"), (same, paired)
 for even in (True, False):
     ptx = compile_hopper(K._pair_kernel, dict(common, PW_MODE=K.PX_BF16, HAS_ROW_OFFSET=True, HAS_COL_OFFSET=not even,
-                         BLOCK_ROWS=128, BLOCK_COLS=64, EVEN_ROWS=even, EVEN_COLS=even), 8, 2)
-    assert has_column_atomics(ptx)  # of Eᵀ·W
+                         BLOCK_ROWS=128, BLOCK_COLS=64, EVEN_ROWS=even, EVEN_COLS=even), 8, 2, aligned=even)
+    assert has_column_atomics(ptx, ".v4" if even else "")  # of Eᵀ·W
 # fp32 operands: the default tf32x3 dots run on tensor cores (tf32 wgmma), ieee on FMAs
 POINTERS.update(Q="fp32", K="fp32", X="fp32")
 fp32 = dict(common, QK_FP32=True, PX_MODE=K.PX_FP32, HAS_ROW_OFFSET=True, HAS_COL_OFFSET=False, HEAD_SUM=False,
