@@ -83,6 +83,7 @@ def _logsumexp_impl(q: Tensor, k: Tensor, scale: float, col_offset: Optional[Ten
     dtype = compute_dtype(q, k)
     if n == 0 or k.shape[2] == 0:
         return torch.full((g, h, n), -math.inf, dtype=dtype, device=q.device)
+
     def run(module):
         return module.logsumexp(q, k, scale=scale, col_offset=col_offset)
 
@@ -104,6 +105,7 @@ def _rows_cols_impl(q: Tensor, k: Tensor, scale: float, backend: str) -> tuple[T
     if n == 0 or m_tokens == 0:
         return (torch.full((g, h, n), -math.inf, dtype=dtype, device=q.device),
                 torch.full((g, h, m_tokens), -math.inf, dtype=dtype, device=q.device))
+
     def run(module):
         one_pass = getattr(module, "logsumexp_rows_and_cols", None)
         if one_pass is not None:
