@@ -46,7 +46,21 @@ PX_BF16 = 1   # x bf16: p rounded to bf16, tensor cores
 PX_FP16 = 2   # x fp16: p fp32, x widened, tf32
 
 
-# --------------------------------------------------------------------------- tile helpers
+# --------------------------------------------------------------------------- program and tile helpers
+@triton.jit
+def _program_rows(N, BLOCK_ROWS: tl.constexpr):
+    """(batch entry, first row) of this program: the 1-D grid is entry-major over row blocks."""
+    row_blocks = tl.cdiv(N, BLOCK_ROWS)
+    pid = tl.program_id(0)
+    return pid // row_blocks, (pid % row_blocks) * BLOCK_ROWS
+
+
+@triton.jit
+def _group_and_head(entry, H):
+    """(group, head) of a batch entry, as int64 for the pointer arithmetic."""
+    return (entry // H).to(tl.int64), (entry % H).to(tl.int64)
+
+
 @triton.jit
 def _load_tile(base, idx, lanes, stride_idx, stride_lane, n_idx, n_lanes,
                EVEN_IDX: tl.constexpr, EVEN_LANES: tl.constexpr, UPCAST_BF16: tl.constexpr):
@@ -191,10 +205,8 @@ def _row_product_kernel(Q, K, X, ROW_OFFSET, COL_OFFSET, HEAD_WEIGHTS, Y, LSE,
                         BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
                         EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
-    row_blocks = tl.cdiv(N, BLOCK_ROWS)
-    pid = tl.program_id(0)
-    entry = pid // row_blocks
-    rows = (pid % row_blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    entry, row0 = _program_rows(N, BLOCK_ROWS)
+    rows = row0 + tl.arange(0, BLOCK_ROWS)
     lanes = tl.arange(0, BLOCK_W)
     if HEAD_SUM:
         # One program sums all heads of its group: Σ_h w_h·Y_h with no atomics.
@@ -210,8 +222,7 @@ def _row_product_kernel(Q, K, X, ROW_OFFSET, COL_OFFSET, HEAD_WEIGHTS, Y, LSE,
             total += tl.load(HEAD_WEIGHTS + h).to(tl.float32) * acc
         y_ptrs = Y + g * sy_g + rows[:, None] * sy_n + lanes[None, :] * sy_w
     else:
-        g = (entry // H).to(tl.int64)
-        hh = (entry % H).to(tl.int64)
+        g, hh = _group_and_head(entry, H)
         total = _row_block_one_head(
             Q, K, X, ROW_OFFSET, COL_OFFSET, LSE, g, hh,
             sq_g, sq_h, sq_n, sq_d, sk_g, sk_h, sk_n, sk_d, sx_g, sx_h, sx_n, sx_w,
@@ -230,12 +241,9 @@ def _logsumexp_kernel(Q, K, COL_OFFSET, LSE,
                       D: tl.constexpr, HAS_COL_OFFSET: tl.constexpr, QK_FP32: tl.constexpr, DOT_FP32: tl.constexpr,
                       UPCAST_BF16: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
                       BLOCK_D: tl.constexpr, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
-    row_blocks = tl.cdiv(N, BLOCK_ROWS)
-    pid = tl.program_id(0)
-    entry = pid // row_blocks
-    g = (entry // H).to(tl.int64)
-    h = (entry % H).to(tl.int64)
-    rows = (pid % row_blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    entry, row0 = _program_rows(N, BLOCK_ROWS)
+    g, h = _group_and_head(entry, H)
+    rows = row0 + tl.arange(0, BLOCK_ROWS)
     dims = tl.arange(0, BLOCK_D)
     q = _load_tile(Q + g * sq_g + h * sq_h, rows, dims, sq_n, sq_d, N, D, EVEN_ROWS, D == BLOCK_D,
                    UPCAST_BF16)
@@ -385,10 +393,7 @@ def _symmetric_kernel(Q, K, X, ROW_OFFSET, COL_OFFSET, HEAD_WEIGHTS, Y,
 
     Column atomics scale with N·m per program, so taller row blocks mean fewer in total.
     """
-    row_blocks = tl.cdiv(N, BLOCK_ROWS)
-    pid = tl.program_id(0)
-    entry = pid // row_blocks
-    row0 = (pid % row_blocks) * BLOCK_ROWS
+    entry, row0 = _program_rows(N, BLOCK_ROWS)
     rows = row0 + tl.arange(0, BLOCK_ROWS)
     lanes = tl.arange(0, BLOCK_W)
     half = 1.0
@@ -407,8 +412,7 @@ def _symmetric_kernel(Q, K, X, ROW_OFFSET, COL_OFFSET, HEAD_WEIGHTS, Y,
                 D, W, HAS_ROW_OFFSET, HAS_COL_OFFSET, SAME_QK, PAIRED, QK_FP32, DOT_FP32, PX_MODE, UPCAST_BF16,
                 BLOCK_ROWS, BLOCK_COLS, BLOCK_D, BLOCK_W, EVEN_N)
     else:
-        g = (entry // H).to(tl.int64)
-        hh = (entry % H).to(tl.int64)
+        g, hh = _group_and_head(entry, H)
         y_base = Y + g * sy_g + hh * sy_h
         total = _symmetric_one_head(
             Q, K, X, ROW_OFFSET, COL_OFFSET, y_base, g, hh, half,
@@ -443,12 +447,9 @@ def _pair_kernel(Q, K, X, WQ, ROW_OFFSET, COL_OFFSET, Y, YT,
     symmetric here, so the full N×M rectangle of tiles is visited; column atomics total
     N·M·W/BLOCK_ROWS.
     """
-    row_blocks = tl.cdiv(N, BLOCK_ROWS)
-    pid = tl.program_id(0)
-    entry = pid // row_blocks
-    g = (entry // H).to(tl.int64)
-    hh = (entry % H).to(tl.int64)
-    rows = (pid % row_blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    entry, row0 = _program_rows(N, BLOCK_ROWS)
+    g, hh = _group_and_head(entry, H)
+    rows = row0 + tl.arange(0, BLOCK_ROWS)
     dims = tl.arange(0, BLOCK_D)
     lanes = tl.arange(0, BLOCK_W)
     q = _load_tile(Q + g * sq_g + hh * sq_h, rows, dims, sq_n, sq_d, N, D, EVEN_ROWS, D == BLOCK_D, UPCAST_BF16)
