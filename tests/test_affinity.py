@@ -395,13 +395,13 @@ class _StandInBackend:
         return call
 
 
-def test_auto_times_the_very_call_it_dispatches(monkeypatch, rng):
-    """Where cuda and triton compete, "auto" times ``run`` — the dispatched call on its real
-    inputs — on each, once per key, and keeps the faster; a failing or unsupported cuda loses."""
+def _competing_stand_ins(monkeypatch, *, cuda_ms, triton_ms):
+    """cuda and triton stand-ins that "auto" sees as available and times at the given ms;
+    returns ({name: stand-in}, the list of (backend, op) calls they record)."""
     from spectral_kernels.ops import backends, cuda_backend
 
-    calls, last = [], []
-    stand_ins = {"cuda": _StandInBackend("cuda", 2.0, calls), "triton": _StandInBackend("triton", 1.0, calls)}
+    calls = []
+    stand_ins = {"cuda": _StandInBackend("cuda", cuda_ms, calls), "triton": _StandInBackend("triton", triton_ms, calls)}
     monkeypatch.setattr(backends, "available_backends", lambda: ["dense", "torch", "triton", "cuda"])
     monkeypatch.setattr(backends, "_load", lambda name: cuda_backend if name == "cuda" else stand_ins[name])
     monkeypatch.setattr(cuda_backend, "importlib", type("M", (), {"import_module": lambda _: stand_ins["cuda"]}))
@@ -411,6 +411,16 @@ def test_auto_times_the_very_call_it_dispatches(monkeypatch, rng):
         return stand_ins[calls[-1][0]].ms
     monkeypatch.setattr(cuda_backend, "_median_ms", fake_ms)
     monkeypatch.setattr(cuda_backend, "_CHOICES", {})
+    return stand_ins, calls
+
+
+def test_auto_times_the_very_call_it_dispatches(monkeypatch, rng):
+    """Where cuda and triton compete, "auto" times ``run`` — the dispatched call on its real
+    inputs — on each, once per key, and keeps the faster; a failing or unsupported cuda loses."""
+    from spectral_kernels.ops import backends
+
+    last = []
+    stand_ins, calls = _competing_stand_ins(monkeypatch, cuda_ms=2.0, triton_ms=1.0)
     gpu = torch.device("cuda")
     q, x = torch.randn(1, 1, 9, 4, generator=rng), torch.randn(1, 1, 9, 2, generator=rng)
     a = torch.randn(1, 1, 9, generator=rng)
@@ -432,6 +442,27 @@ def test_auto_times_the_very_call_it_dispatches(monkeypatch, rng):
     assert backends._auto(gpu, torch.float32, d_too_large, run) == "triton" and len(calls) == n_calls
     stand_ins["cuda"].fail = True
     assert backends._auto(gpu, torch.float32, ("symmetric", *key[1:]), run) == "triton"
+
+
+def test_auto_times_nothing_during_a_cuda_graph_capture(monkeypatch, rng):
+    """Timing synchronises, which would break the caller's capture: during one, "auto" takes
+    triton untimed and uncached, and times the shape at its next eager call."""
+    from spectral_kernels.ops import backends, cuda_backend
+
+    _, calls = _competing_stand_ins(monkeypatch, cuda_ms=0.5, triton_ms=1.0)
+    q, x = torch.randn(1, 1, 9, 4, generator=rng), torch.randn(1, 1, 9, 2, generator=rng)
+    key = ("matmul_row", 1, 9, 9, 4, 2, torch.float32)
+
+    def run(module):
+        module.matmul(q, q, x, scale=0.5, normalize="row")
+
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(cuda_backend, "_stream_capturing", lambda: True)
+    assert backends._auto(gpu, torch.float32, key, run) == "triton"
+    assert calls == [] and key not in cuda_backend._CHOICES
+    monkeypatch.setattr(cuda_backend, "_stream_capturing", lambda: False)
+    assert backends._auto(gpu, torch.float32, key, run) == "cuda"  # 0.5 ms beats 1 ms, timed now
+    assert [name for name, _ in calls] == ["cuda", "triton"] and cuda_backend._CHOICES[key] is True
 
 
 @pytest.mark.parametrize("case", ["matmul", "softmax", "logsumexp", "rows_cols", "symmetric", "symmetric_qq",

@@ -147,16 +147,25 @@ def _median_ms(fn, runs=_TIMED_RUNS):
     return sorted(times)[len(times) // 2]
 
 
+def _stream_capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def choose_over_triton(shape_key, run) -> bool:
     """True when this backend beats triton on the call ``run(module)`` (timed once per key, cached).
 
     shape_key is ``(op, G·H, N, M, d, m or None, dtype)`` as built by ``ops._common``; ``run``
     is the call being dispatched, on its real inputs, so what is timed is exactly what would
     run — e.g. the symmetric product with α ≠ β, which these kernels take in two passes.
-    Timed with CUDA events; a backend that fails on the call loses.
+    Timed with CUDA events; a backend that fails on the call loses. During a CUDA graph
+    capture nothing is timed (nor cached): triton runs.
     """
     if shape_key in _CHOICES:
         return _CHOICES[shape_key]
+    if _stream_capturing():
+        # Timing synchronises, which would invalidate the caller's CUDA graph capture:
+        # take triton (the kernels autotuned for capture) and time at the next eager call.
+        return False
     from . import backends
 
     triton_backend = backends._load("triton")
