@@ -163,8 +163,9 @@ def choose_over_triton(shape_key, run) -> bool:
     if shape_key in _CHOICES:
         return _CHOICES[shape_key]
     if _stream_capturing():
-        # Timing synchronises, which would invalidate the caller's CUDA graph capture:
-        # take triton (the kernels autotuned for capture) and time at the next eager call.
+        # Timing synchronises, which would invalidate the caller's CUDA graph capture: take
+        # the untimed default (triton, else torch) and time at the next eager call. Capturing
+        # callers warm up eagerly first (as GraphedStep does), so the choice is usually cached.
         return False
     from . import backends
 
