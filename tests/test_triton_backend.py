@@ -509,67 +509,39 @@ def test_pair_empty_sides(rng):
 
 # --------------------------------------------------------------------------- compiled for Hopper, no GPU needed
 _HOPPER_COMPILE_SCRIPT = r"""
-import re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from hopper_compile import has_column_atomics, hopper_ptx
 from spectral_kernels.ops import triton_kernels as K
-
-POINTERS = {"Q": "bf16", "K": "bf16", "X": "bf16", "WQ": "bf16", "YT": "fp32", "ROW_OFFSET": "fp32", "COL_OFFSET": "fp32", "OFFSET": "fp32",
-            "HEAD_WEIGHTS": "fp32", "Y": "fp32", "LSE": "fp32"}
-UNIT_STRIDES = {"sq_d": 1, "sk_d": 1, "sx_w": 1, "sw_w": 1, "sy_w": 1, "st_w": 1}  # what Triton specialises at launch
-
-def compile_hopper(fn, constexprs, num_warps, num_stages, aligned=False):
-    # aligned: as a launch on 16-byte aligned tensors with sizes and strides divisible by 16
-    # specialises the kernel (what lets the column atomics be 16-byte vectors).
-    constexprs = {**constexprs, **{k: v for k, v in UNIT_STRIDES.items() if k in fn.arg_names}}
-    signature = {name: "constexpr" if name in constexprs else
-                 "*" + POINTERS[name] if name in POINTERS else
-                 "fp32" if name == "scale_log2" else "i32" for name in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if aligned and signature[name] not in ("constexpr", "fp32")}
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                         options={"num_warps": num_warps, "num_stages": num_stages}).asm["ptx"]
-    assert "wgmma.mma_async" in ptx, fn.__name__  # Hopper tensor cores, not the mma.sync path
-    return ptx
-
-def has_column_atomics(ptx, vector=""):
-    # Triton 3.9 writes the unused-result float add as red.global, 3.6 (the GPU image) as
-    # atom.global; ptxas turns both into the same REDG instruction. vector: ".v4" for the
-    # 16-byte form (a quarter of the atomic instructions).
-    return re.search(r"\b(?:red|atom)\.global(?:\.[a-z]+)*\.add" + re.escape(vector) + r"\.f32\b", ptx) is not None
 
 common = dict(D=64, W=32, BLOCK_D=64, BLOCK_W=32, QK_FP32=False, DOT_FP32="tf32x3", PX_MODE=K.PX_BF16,
               UPCAST_BF16=False)
-compile_hopper(K._row_product_kernel, dict(common, HAS_ROW_OFFSET=False, HAS_COL_OFFSET=False, NORMALIZE=True,
+hopper_ptx(K._row_product_kernel, dict(common, HAS_ROW_OFFSET=False, HAS_COL_OFFSET=False, NORMALIZE=True,
                HEAD_SUM=False, RAW_MAX=True, BLOCK_ROWS=128, BLOCK_COLS=64, EVEN_ROWS=True, EVEN_COLS=True), 4, 3)
-compile_hopper(K._row_product_kernel, dict(common, HAS_ROW_OFFSET=True, HAS_COL_OFFSET=True, NORMALIZE=False,
+hopper_ptx(K._row_product_kernel, dict(common, HAS_ROW_OFFSET=True, HAS_COL_OFFSET=True, NORMALIZE=False,
                HEAD_SUM=True, RAW_MAX=False, BLOCK_ROWS=128, BLOCK_COLS=128, EVEN_ROWS=False, EVEN_COLS=False), 8, 3)
-compile_hopper(K._logsumexp_kernel, dict(D=64, HAS_COL_OFFSET=True, QK_FP32=False, DOT_FP32="tf32x3", UPCAST_BF16=False,
+hopper_ptx(K._logsumexp_kernel, dict(D=64, HAS_COL_OFFSET=True, QK_FP32=False, DOT_FP32="tf32x3", UPCAST_BF16=False,
                BLOCK_ROWS=128, BLOCK_COLS=64, BLOCK_D=64, EVEN_ROWS=False, EVEN_COLS=False), 4, 3)
 for same, paired in ((True, False), (False, False), (False, True)):
-    ptx = compile_hopper(K._symmetric_kernel, dict(common, HAS_ROW_OFFSET=True, HAS_COL_OFFSET=same or paired,
+    ptx = hopper_ptx(K._symmetric_kernel, dict(common, HAS_ROW_OFFSET=True, HAS_COL_OFFSET=same or paired,
                          HEAD_SUM=not same, SAME_QK=same, PAIRED=paired, BLOCK_ROWS=256 if not paired else 128,
                          BLOCK_COLS=64, EVEN_N=same), 8, 2)
     assert has_column_atomics(ptx)
-    ptx = compile_hopper(K._symmetric_kernel, dict(common, HAS_ROW_OFFSET=True, HAS_COL_OFFSET=same or paired,
+    ptx = hopper_ptx(K._symmetric_kernel, dict(common, HAS_ROW_OFFSET=True, HAS_COL_OFFSET=same or paired,
                          HEAD_SUM=not same, SAME_QK=same, PAIRED=paired, BLOCK_ROWS=256 if not paired else 128,
                          BLOCK_COLS=64, EVEN_N=True), 8, 2, aligned=True)
     assert has_column_atomics(ptx, ".v4"), (same, paired)
 for even in (True, False):
-    ptx = compile_hopper(K._pair_kernel, dict(common, PW_MODE=K.PX_BF16, HAS_ROW_OFFSET=True, HAS_COL_OFFSET=not even,
+    ptx = hopper_ptx(K._pair_kernel, dict(common, PW_MODE=K.PX_BF16, HAS_ROW_OFFSET=True, HAS_COL_OFFSET=not even,
                          BLOCK_ROWS=128, BLOCK_COLS=64, EVEN_ROWS=even, EVEN_COLS=even), 8, 2, aligned=even)
     assert has_column_atomics(ptx, ".v4" if even else "")  # of Eᵀ·W
 # fp32 operands: the default tf32x3 dots run on tensor cores (tf32 wgmma), ieee on FMAs
-POINTERS.update(Q="fp32", K="fp32", X="fp32")
+# (the paired walk's fp32 tile: 128-row blocks need more than Hopper's shared memory there)
 fp32 = dict(common, QK_FP32=True, PX_MODE=K.PX_FP32, HAS_ROW_OFFSET=True, HAS_COL_OFFSET=False, HEAD_SUM=False,
-            SAME_QK=False, PAIRED=True, BLOCK_ROWS=128, BLOCK_COLS=64, EVEN_N=False)
-ptx = compile_hopper(K._symmetric_kernel, fp32, 8, 2)
+            SAME_QK=False, PAIRED=True, BLOCK_ROWS=64, BLOCK_COLS=64, EVEN_N=False)
+ptx = hopper_ptx(K._symmetric_kernel, fp32, 4, 2, operands="fp32")
 assert ".tf32" in ptx
-ptx = compile_hopper(K._row_product_kernel, dict(common, QK_FP32=True, PX_MODE=K.PX_FP32, HAS_ROW_OFFSET=False,
-                     HAS_COL_OFFSET=False, NORMALIZE=True, HEAD_SUM=False, RAW_MAX=True, BLOCK_ROWS=128,
-                     BLOCK_COLS=64, EVEN_ROWS=False, EVEN_COLS=False), 4, 3)
+ptx = hopper_ptx(K._row_product_kernel, dict(common, QK_FP32=True, PX_MODE=K.PX_FP32, HAS_ROW_OFFSET=False,
+                 HAS_COL_OFFSET=False, NORMALIZE=True, HEAD_SUM=False, RAW_MAX=True, BLOCK_ROWS=128,
+                 BLOCK_COLS=64, EVEN_ROWS=False, EVEN_COLS=False), 4, 3, operands="fp32")
 assert ".tf32" in ptx
 print("compiled")
 """
@@ -579,14 +551,10 @@ print("compiled")
 def test_kernels_compile_for_hopper_without_a_gpu():
     """The interpreter never compiles: build the main kernel variants (the pair kernel too) for sm_90 (ptxas ships
     with Triton) in a process without TRITON_INTERPRET, so GPU-only compile errors show on CPU."""
-    import os
-    import subprocess
-    import sys
-
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
+    from hopper_compile import run_script
+
+    done = run_script(_HOPPER_COMPILE_SCRIPT)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 
@@ -653,6 +621,30 @@ def test_gpu_pair_against_reference(rng, monkeypatch, dtype, n, m_tokens):
     for _ in range(2):
         y, yt = tb.matmul_pair(q, k, x, w, scale=0.125, row_offset=r)
         assert _err(y, y_ref) < tol and _err(yt, yt_ref) < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [160, 384])
+def test_gpu_wide_features_launch_tiles_that_fit(rng, monkeypatch, d):
+    """d = 160 (Stable Diffusion's deepest heads) and 384 (whole ViT-S features): the tile
+    pruning (ops.triton_tiles) must launch shapes that fit the GPU's shared memory — before
+    it, d > 256 and the forced paired walk at d = 160 failed with OutOfResources."""
+    monkeypatch.setenv("SPECTRAL_KERNELS_TRITON_AUTOTUNE", "0")
+    n, width, scale = 300, 16, 1.0 / math.sqrt(d)
+    q, k = _randn(rng, 1, 2, n, d, dtype=torch.bfloat16), _randn(rng, 1, 2, n, d, dtype=torch.bfloat16)
+    x = _randn(rng, 1, 2, n, width, dtype=torch.bfloat16)
+    q64, k64, x64 = _f64(q, k, x)
+    y, _ = tb.matmul(q, k, x, scale=scale, normalize="row")
+    assert _err(y, reference.matmul(q64, k64, x64, scale=scale, normalize="row")[0]) < 2e-2
+    r = tb.logsumexp(q, k, scale=scale)
+    torch.testing.assert_close(r.double().cpu(), reference.logsumexp(q64, k64, scale=scale), rtol=1e-3, atol=1e-2)
+    y_ref = reference.symmetric_matmul(q64, k64, x64, scale=scale, row_offset=r.double().cpu())
+    for walk in ("rect", "paired"):
+        monkeypatch.setenv("SPECTRAL_KERNELS_SYMMETRIC_WALK", walk)
+        assert _err(tb.symmetric_matmul(q, k, x, scale=scale, row_offset=r), y_ref) < 2e-2, walk
+    y, yt = tb.matmul_pair(q, k, x, x, scale=scale, row_offset=r)
+    y_ref, yt_ref = _pair_ref(q, k, x, x, scale, r)
+    assert _err(y, y_ref) < 2e-2 and _err(yt, yt_ref) < 2e-2
 
 
 @pytest.mark.gpu

@@ -1,7 +1,8 @@
 """Which backends exist here, and which one ``backend="auto"`` picks.
 
 A backend is a module with ``matmul``, ``logsumexp`` and ``symmetric_matmul`` taking the
-canonical layout of ``spectral_kernels.ops._layout``. Optional backends (triton, cuda)
+canonical layout of ``spectral_kernels.ops._layout`` (and optionally ``can_launch``, which
+``auto`` asks before choosing it for a shape). Optional backends (triton, cuda)
 are imported lazily on first use, so importing the package never imports triton and
 never initialises CUDA; a backend that cannot load is simply absent.
 """
@@ -89,4 +90,13 @@ def _auto(device, dtype, shape_key, run):
         # the cuda kernels cannot run (d > 256, ...); those go to triton, or torch without it.
         if _load("cuda").choose_over_triton(shape_key, run):
             return "cuda"
-    return "triton" if "triton" in names else "torch"
+    if "triton" in names and _can_launch(_load("triton"), shape_key, device):
+        return "triton"
+    return "torch"  # no triton, or features too wide for any of its tiles
+
+
+def _can_launch(module, shape_key, device) -> bool:
+    """A backend's optional ``can_launch(shape_key, device)``: False where its kernels have
+    no tile for the shape (absent: it runs every shape)."""
+    can_launch = getattr(module, "can_launch", None)
+    return shape_key is None or can_launch is None or can_launch(shape_key, device)

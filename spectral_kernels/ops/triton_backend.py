@@ -6,7 +6,8 @@ outputs and launches them. Inputs are passed by strides (no copies), so X may be
 stride-0 view over the heads and offsets may be broadcast views.
 
 On a GPU every kernel is autotuned over a few tile shapes, keyed on N, M, d, m, the
-dtypes and the kernel variant. Under TRITON_INTERPRET=1 (tests on CPU) exactly one
+dtypes and the kernel variant, among those that fit the GPU's shared memory
+(``spectral_kernels.ops.triton_tiles``). Under TRITON_INTERPRET=1 (tests on CPU) exactly one
 small configuration is used and CPU tensors are accepted.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 
 import torch
 
+from . import triton_tiles as _tiles
 from ._layout import same_tensor, symmetric_offsets_args
 
 try:
@@ -25,7 +27,7 @@ except ImportError:  # triton missing: the backend registry sees is_available() 
     triton = None
     _k = None
 
-__all__ = ["matmul", "logsumexp", "symmetric_matmul", "matmul_pair", "is_available"]
+__all__ = ["matmul", "logsumexp", "symmetric_matmul", "matmul_pair", "is_available", "can_launch"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -35,87 +37,39 @@ def is_available() -> bool:
     return triton is not None
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+_interpreted = _tiles.interpreted
 
 
 # --------------------------------------------------------------------------- autotuning
-# (BLOCK_ROWS, BLOCK_COLS, num_warps, num_stages): FlashAttention-2/3 shapes for Hopper;
-# the first entry is the untuned default.
-_ROW_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
-# Symmetric product (BLOCK_ROWS, BLOCK_COLS, num_warps, num_stages), rows a multiple of
-# columns: tall row blocks cut the column atomics (N²·m/BLOCK_ROWS in total).
-_SYMMETRIC_CONFIGS = [(128, 64, 8, 2), (256, 64, 8, 2), (128, 128, 8, 2), (256, 64, 8, 3), (128, 64, 4, 3),
-                      (64, 64, 4, 3)]
-# The paired upper-triangle walk of the symmetric product (q ≠ k, or α ≠ β): two score
-# tiles live per step, so no 256-row blocks.
-_PAIRED_WALK_CONFIGS = [(128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)]
-# Pair product: the same trade-off as the symmetric one (column atomics N·M·m/BLOCK_ROWS).
-_PAIR_CONFIGS = _SYMMETRIC_CONFIGS
 # SPECTRAL_KERNELS_SYMMETRIC_WALK: "auto" lets the autotuner choose between the rectangle
 # and the paired walk where both apply; "rect" / "paired" force one (tests, benchmarks).
 SYMMETRIC_WALKS = ("auto", "rect", "paired")
 FP32_DOTS = ("tf32x3", "ieee")
-_INTERPRETER_BLOCK = 16
 
 
 def _autotune_enabled() -> bool:
-    """SPECTRAL_KERNELS_TRITON_AUTOTUNE=0 runs the default tile shape only (fast compiles for tests)."""
+    """SPECTRAL_KERNELS_TRITON_AUTOTUNE=0 runs one tile shape, the first of the table that fits
+    (fast compiles for tests)."""
     return os.environ.get("SPECTRAL_KERNELS_TRITON_AUTOTUNE", "1") != "0"
 
 
-def _configs(table, tuned, interpreter_rows, **fixed):
-    """Autotune candidates from a (rows, cols, warps, stages) table; one small tile when
-    interpreted (``interpreter_rows`` × the column tile), the first entry when not tuned.
-    ``fixed`` constexprs are set in every candidate."""
-    if _interpreted():
-        return [triton.Config({"BLOCK_ROWS": interpreter_rows, "BLOCK_COLS": _INTERPRETER_BLOCK, **fixed},
-                              num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_ROWS": r, "BLOCK_COLS": c, **fixed}, num_warps=w, num_stages=s)
-            for r, c, w, s in (table if tuned else table[:1])]
-
-
-def _row_configs(tuned):
-    return _configs(_ROW_CONFIGS, tuned, _INTERPRETER_BLOCK)
+def _autotune(kernel, configs_and_count, tuned, **options):
+    """triton.autotune over the candidates and fallbacks of ``_tiles.configs``, pruned to
+    what fits this GPU's shared memory (``_tiles.pruner``)."""
+    configs, n_candidates = configs_and_count
+    return triton.autotune(configs=configs, prune_configs_by={"early_config_prune": _tiles.pruner(
+        kernel, n_candidates, tuned)}, **options)
 
 
 def _symmetric_configs(tuned, walk):
-    """Candidates of one walk; "auto" = the rectangle walk's, plus the paired walk's when
-    tuned (the pruning drops them where q is k and α = β)."""
+    """Candidates of one walk ("auto": the rectangle walk's, plus the paired walk's when
+    tuned; the pruning drops those where q is k and α = β); small fallback tiles of the
+    walk, and of the rectangle walk (the smaller footprint) after the paired walk's."""
+    rect, paired = (_tiles.SYMMETRIC_TILES, {"PAIRED": False}), (_tiles.PAIRED_WALK_TILES, {"PAIRED": True})
+    tables = {"rect": [rect], "paired": [paired], "auto": [rect, paired] if tuned else [rect]}[walk]
+    fallbacks = [{"PAIRED": True}, {"PAIRED": False}] if walk == "paired" else [{"PAIRED": False}]
     # Rows = 2 × columns: the interpreter tests cover a diagonal band of several tiles.
-    rect = _configs(_SYMMETRIC_CONFIGS, tuned, 2 * _INTERPRETER_BLOCK, PAIRED=False)
-    paired = _configs(_PAIRED_WALK_CONFIGS, tuned, 2 * _INTERPRETER_BLOCK, PAIRED=True)
-    if walk == "rect":
-        return rect
-    if walk == "paired":
-        return paired
-    return rect + paired if tuned and not _interpreted() else rect
-
-
-def _pair_configs(tuned):
-    # Rows ≠ columns so that a mix-up of the two tile sizes shows in the tests.
-    return _configs(_PAIR_CONFIGS, tuned, 2 * _INTERPRETER_BLOCK)
-
-
-def _fits_registers(configs, named_args, **kwargs):
-    """For wide features (d > 128; X is sliced to m ≤ 128 by the launchers) keep only short
-    row blocks and two stages, so the Q tile and the K pipeline fit."""
-    width = kwargs.get("BLOCK_D", 16)
-    if width <= 128:
-        return configs
-
-    def rows(c):
-        return c.kwargs["BLOCK_ROWS"]
-
-    small = [c for c in configs if rows(c) * width <= 64 * 256 and c.num_stages <= 2]
-    return small or [min(configs, key=rows)]
-
-
-def _prune_symmetric(configs, named_args, **kwargs):
-    """Where q is k and α = β the kernel ignores PAIRED: keep one copy of each candidate."""
-    if kwargs.get("SAME_QK"):
-        configs = [c for c in configs if not c.kwargs.get("PAIRED")] or configs
-    return _fits_registers(configs, named_args, **kwargs)
+    return _tiles.configs(tables, interpreter_rows=2 * _tiles.INTERPRETER_BLOCK, fallbacks=fallbacks)
 
 
 def _symmetric_walk():
@@ -132,27 +86,29 @@ def _even(size, block):
 def _tuned_kernels(tuned):
     """(row product, logsumexp, {walk: symmetric}, pair) wrapped in autotune + the EVEN_*
     heuristics (one autotuner per symmetric walk; they share the compiled kernels)."""
-    prune = {"early_config_prune": _fits_registers}
     even_rows_cols = triton.heuristics({"EVEN_ROWS": _even("N", "BLOCK_ROWS"), "EVEN_COLS": _even("M", "BLOCK_COLS")})
-    row_product = triton.autotune(
-        configs=_row_configs(tuned), prune_configs_by=prune,
+    row_configs = _tiles.configs([(_tiles.ROW_TILES, {})], interpreter_rows=_tiles.INTERPRETER_BLOCK)
+    row_product = _autotune(
+        "row", row_configs, tuned,
         key=["N", "M", "D", "W", "HAS_ROW_OFFSET", "HAS_COL_OFFSET", "NORMALIZE", "HEAD_SUM", "RAW_MAX", "PX_MODE",
              "DOT_FP32"],
     )(even_rows_cols(_k._row_product_kernel))
-    logsumexp = triton.autotune(
-        configs=_row_configs(tuned), prune_configs_by=prune, key=["N", "M", "D", "HAS_COL_OFFSET", "DOT_FP32"],
+    logsumexp = _autotune(
+        "logsumexp", row_configs, tuned, key=["N", "M", "D", "HAS_COL_OFFSET", "DOT_FP32"],
     )(even_rows_cols(_k._logsumexp_kernel))
     even_n = triton.heuristics({"EVEN_N": lambda args: args["N"] % args["BLOCK_ROWS"] == 0
                                 and args["N"] % args["BLOCK_COLS"] == 0})
     symmetric = {
-        walk: triton.autotune(
-            configs=_symmetric_configs(tuned, walk), prune_configs_by={"early_config_prune": _prune_symmetric},
+        walk: _autotune(
+            "symmetric", _symmetric_configs(tuned, walk), tuned,
             key=["N", "D", "W", "HAS_ROW_OFFSET", "HAS_COL_OFFSET", "HEAD_SUM", "SAME_QK", "PX_MODE", "DOT_FP32"],
             reset_to_zero=["Y"],
         )(even_n(_k._symmetric_kernel))
         for walk in SYMMETRIC_WALKS}
-    pair = triton.autotune(
-        configs=_pair_configs(tuned), prune_configs_by=prune,
+    # Rows ≠ columns under the interpreter, so that a mix-up of the two tile sizes shows in the tests.
+    pair = _autotune(
+        "pair", _tiles.configs([(_tiles.PAIR_TILES, {})], interpreter_rows=2 * _tiles.INTERPRETER_BLOCK),
+        tuned,
         key=["N", "M", "D", "W", "HAS_ROW_OFFSET", "HAS_COL_OFFSET", "PX_MODE", "PW_MODE", "DOT_FP32"],
         reset_to_zero=["YT"],
     )(even_rows_cols(_k._pair_kernel))
@@ -220,9 +176,7 @@ def _check_layout(q, k, x=None, *, row_offset=None, col_offset=None, head_weight
 
 
 # --------------------------------------------------------------------------- launch helpers
-def _block(size):
-    """Power-of-two tile width ≥ 16 (tl.dot's minimum) covering ``size``."""
-    return max(16, triton.next_power_of_2(size))
+_block = _tiles.block_width
 
 
 def _px_mode(x_dtype):
@@ -237,6 +191,17 @@ def _fp32_dot():
     if mode not in FP32_DOTS:
         raise ValueError(f"SPECTRAL_KERNELS_FP32_DOT must be one of {FP32_DOTS}, got {mode!r}")
     return mode
+
+
+def can_launch(shape_key, device) -> bool:
+    """Whether the op of ``shape_key`` (``ops._common._shape_key``) has a tile that fits
+    this GPU's shared memory: False only for very wide features (on H100, d > 2 048 in
+    bf16, d > 512 in fp32 with tf32x3 dots), which ``backend="auto"`` then leaves to torch."""
+    op, _, _, _, d, width, dtype = shape_key
+    kernel = ("row" if op.startswith("matmul") else "logsumexp" if op.startswith("logsumexp")
+              else "pair" if op == "pair" else "symmetric")
+    return _tiles.smallest_tile_fits(kernel, d, width, dtype, _tiles.device_limit(device),
+                                     tf32x3=_fp32_dot() == "tf32x3")
 
 
 def _dtype_flags(q, x=None, w=None):
