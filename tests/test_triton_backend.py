@@ -507,6 +507,35 @@ def test_pair_empty_sides(rng):
     assert y.shape == (1, 1, 5, 2) and (y == 0).all() and yt.shape == (1, 1, 0, 2)
 
 
+# --------------------------------------------------------------------------- int32 slice offsets
+def test_views_whose_slices_overflow_int32_offsets_are_copied(monkeypatch, rng):
+    """The kernels address one (group, head) slice in int32: a view spanning more (q cut out
+    of a fused qkv projection of 10⁶ tokens) is copied first, once per distinct tensor, and
+    one whose contiguous copy still would not fit is refused, naming the argument. The
+    limit is lowered here so that small views cross it."""
+    monkeypatch.setattr(tb, "_INT32_MAX", 200)
+    qkv = _randn(rng, 1, 2, 7, 3 * 40)  # row stride 120: (7 − 1)·120 + 3 > 200
+    q, k = qkv[..., :4], qkv[..., 40:44]
+    x = _randn(rng, 1, 2, 7, 3)
+    small = _randn(rng, 1, 2, 7, 4)
+    out = tb._int32_addressable(q=q, k=k, again=qkv[..., :4], small=small, none=None)
+    assert all(t.is_contiguous() for t in out[:3]) and torch.equal(out[0], q) and torch.equal(out[1], k)
+    assert out[2] is out[0]  # q seen twice: one copy, so "q is k" survives
+    assert out[3] is small and out[4] is None
+    with pytest.raises(ValueError, match=r"x has 204 elements in one \(group, head\) slice.*backend='torch'"):
+        tb._int32_addressable(x=_randn(rng, 1, 1, 68, 3))
+    # Every launcher takes the copies: results as for contiguous inputs.
+    q64, k64, x64 = _f64(q, k, x)
+    y, _ = tb.matmul(q, k, x, scale=0.5, normalize="row")
+    assert _err(y, reference.matmul(q64, k64, x64, scale=0.5, normalize="row")[0]) < 1e-5
+    torch.testing.assert_close(tb.logsumexp(q, k, scale=0.5).double(), reference.logsumexp(q64, k64, scale=0.5))
+    y = tb.symmetric_matmul(q, q, x, scale=0.5)
+    assert _err(y, reference.symmetric_matmul(q64, q64, x64, scale=0.5)) < 1e-5
+    y, yt = tb.matmul_pair(q, k, x, x, scale=0.5)
+    y_ref, yt_ref = _pair_ref(q, k, x, x, 0.5)
+    assert _err(y, y_ref) < 1e-5 and _err(yt, yt_ref) < 1e-5
+
+
 # --------------------------------------------------------------------------- compiled for Hopper, no GPU needed
 _HOPPER_COMPILE_SCRIPT = r"""
 from hopper_compile import has_column_atomics, hopper_ptx

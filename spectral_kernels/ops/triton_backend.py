@@ -12,6 +12,7 @@ small configuration is used and CPU tensors are accepted.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -176,6 +177,35 @@ def _check_layout(q, k, x=None, *, row_offset=None, col_offset=None, head_weight
 
 
 # --------------------------------------------------------------------------- launch helpers
+# The kernels address one (group, head) slice with int32 offsets (row · row stride + lane ·
+# lane stride; the group and head offsets are int64): a view whose slice spans more, e.g.
+# q sliced out of a fused qkv projection of 10⁶ tokens, would wrap around.
+_INT32_MAX = 2**31 - 1
+
+
+def _slice_extent(t):
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[2:], t.stride()[2:]))
+
+
+def _int32_addressable(**tensors):
+    """The tensors, each replaced by a contiguous copy where its slice offsets would overflow
+    int32 (one copy per distinct tensor, so q is k stays true); a ValueError naming the
+    argument where even the copy's would (more than 2³¹ elements in one slice)."""
+    copies = {}
+    out = []
+    for name, t in tensors.items():
+        if t is not None and _slice_extent(t) > _INT32_MAX:
+            seen = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)  # what same_tensor compares
+            if seen not in copies:
+                copies[seen] = t.contiguous()
+                if _slice_extent(copies[seen]) > _INT32_MAX:
+                    raise ValueError(f"{name} has {math.prod(t.shape[2:])} elements in one (group, head) slice, "
+                                     f"beyond the triton kernels' int32 offsets; use backend='torch'")
+            t = copies[seen]
+        out.append(t)
+    return out
+
+
 _block = _tiles.block_width
 
 
@@ -249,6 +279,7 @@ def matmul(q, k, x, *, scale, row_offset=None, col_offset=None, normalize="none"
         raise ValueError(f"normalize must be 'none' or 'row', got {normalize!r}")
     g, h, n, m_tokens, d, width = _check_layout(q, k, x, row_offset=row_offset, col_offset=col_offset,
                                                 head_weights=head_weights)
+    q, k, x, row_offset, col_offset = _int32_addressable(q=q, k=k, x=x, row_offset=row_offset, col_offset=col_offset)
     x = x.expand(g, h, m_tokens, width)
     head_sum = head_weights is not None
     y = torch.empty((g, n, width) if head_sum else (g, h, n, width), dtype=torch.float32, device=q.device)
@@ -274,6 +305,7 @@ def matmul(q, k, x, *, scale, row_offset=None, col_offset=None, normalize="none"
 def logsumexp(q, k, *, scale, col_offset=None):
     """r_i = log Σ_j exp(τ q_i·k_j − β_j), (G, H, N) fp32, in one online pass."""
     g, h, n, m_tokens, d, _ = _check_layout(q, k, col_offset=col_offset)
+    q, k, col_offset = _int32_addressable(q=q, k=k, col_offset=col_offset)
     lse = torch.empty((g, h, n), dtype=torch.float32, device=q.device)
     if n == 0 or m_tokens == 0:
         return lse.fill_(float("-inf"))
@@ -296,6 +328,7 @@ def symmetric_matmul(q, k, x, *, scale, offset=None, row_offset=None, col_offset
     alpha, beta = symmetric_offsets_args(offset, row_offset, col_offset)
     g, h, n, m_tokens, d, width = _check_layout(q, k, x, row_offset=alpha, col_offset=beta,
                                                 head_weights=head_weights)
+    q, k, x, alpha, beta = _int32_addressable(q=q, k=k, x=x, row_offset=alpha, col_offset=beta)
     if m_tokens != n:
         raise ValueError(f"the symmetric product needs q and k with the same number of tokens, got {n} and {m_tokens}")
     x = x.expand(g, h, n, width)
@@ -332,6 +365,8 @@ def matmul_pair(q, k, x, w, *, scale, row_offset=None, col_offset=None):
     if w.shape[3] != width:
         raise ValueError(f"w must have the same width as x ({width}), got {w.shape[3]}")
     _check_device(w=w)
+    q, k, x, w, row_offset, col_offset = _int32_addressable(q=q, k=k, x=x, w=w, row_offset=row_offset,
+                                                            col_offset=col_offset)
     x = x.expand(g, h, m_tokens, width)
     w = w.expand(g, h, n, width)
     y = torch.empty((g, h, n, width), dtype=torch.float32, device=q.device)
