@@ -49,6 +49,8 @@ _SLACK_BYTES = 2048
 # the estimate is an upper bound (up to ~1.3× above for the tables' tiles, more for small
 # tiles of very wide features), and Triton's autotuner skips a candidate that does not fit.
 _MAYBE_FITS = 1.4
+# Fallbacks a tuned launch benchmarks (the first that may fit): every one is a compile.
+_FALLBACKS_TIMED = 2
 KERNELS = ("row", "logsumexp", "symmetric", "pair")
 
 
@@ -146,8 +148,9 @@ def choose(kernel, configs, n_candidates, *, tuned, limit, **constexprs):
     the SMALL_TILES fallbacks. Not tuned: the first candidate that surely fits ``limit``
     bytes (and, for wide features, the registers), else the first fallback that does.
     Tuned: the candidates that may fit (estimate within _MAYBE_FITS of the limit: Triton's
-    autotuner skips a launch that does not); where none surely fits, the fallbacks that
-    may fit too, so that the benchmark always holds a config that runs. Raises ValueError
+    autotuner skips a launch that does not); where none surely fits, the first
+    _FALLBACKS_TIMED fallbacks that may fit and the first that surely does, so that the
+    benchmark always holds a config that runs. Raises ValueError
     naming d when even the smallest tile cannot fit.
     """
     block_d = constexprs["BLOCK_D"]
@@ -168,7 +171,8 @@ def choose(kernel, configs, n_candidates, *, tuned, limit, **constexprs):
         return [sure]
     maybe = [c for c, size in candidates if size <= limit * _MAYBE_FITS]
     if not any(c is sure for c in maybe):
-        maybe += [c for c, size in small if size <= limit * _MAYBE_FITS]
+        extra = [c for c, size in small if size <= limit * _MAYBE_FITS][:_FALLBACKS_TIMED]
+        maybe += extra if any(c is sure for c in extra) else extra + [sure]
     return maybe
 
 
