@@ -20,8 +20,8 @@ POINTERS = {"Q": "bf16", "K": "bf16", "X": "bf16", "WQ": "bf16", "YT": "fp32", "
 UNIT_STRIDES = {"sq_d": 1, "sk_d": 1, "sx_w": 1, "sw_w": 1, "sy_w": 1, "st_w": 1}  # what Triton specialises at launch
 
 
-def compile_hopper(fn, constexprs, num_warps, num_stages, *, aligned=False, operands="bf16"):
-    """The compiled kernel (``.asm["ptx"]``, ``.metadata.shared``) of ``fn`` for sm_90.
+def compile_hopper(fn, constexprs, num_warps, num_stages, *, aligned=False, operands="bf16", arch=90):
+    """The compiled kernel (``.asm["ptx"]``, ``.metadata.shared``) of ``fn`` for sm_90 (or ``arch``).
 
     aligned: as a launch on 16-byte aligned tensors with sizes and strides divisible by 16
     specialises the kernel (what lets the column atomics be 16-byte vectors). operands:
@@ -35,7 +35,7 @@ def compile_hopper(fn, constexprs, num_warps, num_stages, *, aligned=False, oper
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if aligned and signature[name] not in ("constexpr", "fp32")}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 

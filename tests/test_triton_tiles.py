@@ -187,26 +187,29 @@ CASES = [("row", 64, False, False, (128, 64, 4, 3)), ("row", 64, True, False, (1
          ("row", 160, False, False, (64, 64, 4, 2)), ("symmetric", 160, False, True, (64, 64, 4, 2)),
          ("symmetric", 160, True, False, (32, 32, 4, 2)), ("pair", 384, False, False, (64, 64, 4, 2)),
          ("symmetric", 768, False, False, (16, 16, 4, 1)), ("row", 384, True, False, (16, 16, 4, 1))]
-for kernel, d, fp32, paired, (rows, cols, warps, stages) in CASES:
-    flags = variant(kernel, d, fp32, paired)
-    # aligned: launches on 16-byte aligned tensors pipeline their loads through shared memory
-    compiled = compile_hopper(FNS[kernel], dict(flags, BLOCK_ROWS=rows, BLOCK_COLS=cols), warps, stages,
-                              aligned=True, operands="fp32" if fp32 else "bf16")
-    actual = compiled.metadata.shared
-    estimate = T.shared_bytes(kernel, rows, cols, stages, block_d=T.block_width(d), block_w=32,
-                              qk_bytes=4 if fp32 else 2, px_bytes=4 if fp32 else 2, tf32x3=True, paired=paired)
-    print(kernel, d, "fp32" if fp32 else "bf16", "paired" if paired else "", (rows, cols, warps, stages),
-          "compiled", actual, "estimate", estimate)
-    assert actual <= estimate <= max(1.65 * actual, actual + 4096), (kernel, d, fp32, paired, actual, estimate)
+for arch in (90, 80):  # calibrated on Hopper; Ampere (A100) allocates no more
+    for kernel, d, fp32, paired, (rows, cols, warps, stages) in CASES:
+        flags = variant(kernel, d, fp32, paired)
+        # aligned: launches on 16-byte aligned tensors pipeline their loads through shared memory
+        compiled = compile_hopper(FNS[kernel], dict(flags, BLOCK_ROWS=rows, BLOCK_COLS=cols), warps, stages,
+                                  aligned=True, operands="fp32" if fp32 else "bf16", arch=arch)
+        actual = compiled.metadata.shared
+        estimate = T.shared_bytes(kernel, rows, cols, stages, block_d=T.block_width(d), block_w=32,
+                                  qk_bytes=4 if fp32 else 2, px_bytes=4 if fp32 else 2, tf32x3=True, paired=paired)
+        print(f"sm_{arch}", kernel, d, "fp32" if fp32 else "bf16", "paired" if paired else "",
+              (rows, cols, warps, stages), "compiled", actual, "estimate", estimate)
+        assert actual <= estimate, (arch, kernel, d, fp32, paired, actual, estimate)
+        if arch == 90:
+            assert estimate <= max(1.65 * actual, actual + 4096), (kernel, d, fp32, paired, actual, estimate)
 print("footprints ok")
 """
 
 
 @pytest.mark.slow
 def test_footprint_estimate_bounds_the_compiled_kernels():
-    """The estimate is an upper bound of the shared memory Triton allocates for sm_90 (what
-    OutOfResources is raised on), and not so loose that it drops tiles that fit (within 1.65×,
-    ~1.0–1.3× for the tables' tiles)."""
+    """The estimate is an upper bound of the shared memory Triton allocates for sm_90 and
+    sm_80 (what OutOfResources is raised on), and on sm_90 not so loose that it drops tiles
+    that fit (within 1.65×, ~1.0–1.3× for the tables' tiles)."""
     pytest.importorskip("triton.backends.nvidia")
     from hopper_compile import run_script
 

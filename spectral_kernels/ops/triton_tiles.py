@@ -61,8 +61,8 @@ def interpreted() -> bool:
 def shared_bytes(kernel, rows, cols, stages, *, block_d, block_w=0, qk_bytes=2, px_bytes=2, tf32x3=False,
                  paired=False):
     """Estimated shared memory of one program of ``kernel`` (one of KERNELS) at this tile:
-    an upper bound of what Triton 3.6/3.9 allocate on sm_90, within ~1.3× for the tables'
-    tiles (tests/test_triton_tiles.py checks it against compiled kernels).
+    an upper bound of what Triton 3.6/3.9 allocate on sm_90 (within ~1.3× for the tables'
+    tiles) and sm_80 (tests/test_triton_tiles.py checks it against compiled kernels).
 
     ``qk_bytes`` / ``px_bytes``: element size of q, k and of X (and W, and the P tile fed
     to the P·X dots: bf16/fp16, or fp32). ``tf32x3``: fp32 dots split into three tf32
