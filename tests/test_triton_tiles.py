@@ -51,6 +51,10 @@ def _tile(config):
     return (config.kwargs["BLOCK_ROWS"], config.kwargs["BLOCK_COLS"], config.num_warps, config.num_stages)
 
 
+def _close_fp32(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6)  # fp32 kernels vs float64
+
+
 def _size(kernel, config, flags):
     return tiles._config_bytes(kernel, config, flags)
 
@@ -151,6 +155,60 @@ def test_auto_leaves_features_too_wide_for_any_tile_to_torch(monkeypatch):
             key = (op, 1, 100, 100, d, None if op == "logsumexp" else 16, dtype)
             assert backends._auto(gpu, dtype, key, run=None) == expected, (op, d, dtype)
             assert tb.can_launch(key, gpu) == (expected == "triton")
+
+
+# --------------------------------------------------------------------------- through Triton's autotuner
+@pytest.mark.skipif(not tiles.interpreted(), reason="runs the kernels under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("d", [4, 300], ids=["narrow", "wide"])
+def test_untuned_launches_run_the_chosen_tile(monkeypatch, d):
+    """Untuned launches as on a GPU: the kernels built with the GPU config lists (tables +
+    fallbacks) behind ChosenTile, each launch at the one tile ``choose`` gives for an H100
+    (the table's first at d = 4, a fallback at d = 300) with no benchmark (Triton 3.6's
+    autotuner would time even one config), run by the interpreter, results as the reference."""
+    from spectral_kernels.ops import reference
+
+    monkeypatch.setattr(tiles, "interpreted", lambda: False)
+    monkeypatch.setattr(tb, "_interpreted", lambda: False)
+    kernels = tb._tuned_kernels(False)
+    monkeypatch.undo()
+    assert all(isinstance(t, tiles.ChosenTile) for t in (*kernels[:2], *kernels[2].values(), kernels[3]))
+    limits = []
+    monkeypatch.setattr(tiles, "device_limit", lambda device: limits.append(device) or H100)
+    monkeypatch.setattr(tb, "_KERNELS", {True: kernels, False: kernels})
+    gen = torch.Generator().manual_seed(d)
+    q, k = torch.randn(1, 2, 9, d, generator=gen), torch.randn(1, 2, 9, d, generator=gen)
+    x = torch.randn(1, 2, 9, 3, generator=gen)
+    scale = d ** -0.5
+    y, _ = tb.matmul(q, k, x, scale=scale, normalize="row")
+    r = tb.logsumexp(q, k, scale=scale)
+    seen, symmetric_launch = [], kernels[2]["auto"].run  # .run can be spied on, as on an autotuner
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["SAME_QK"])
+        return symmetric_launch(*args, **kwargs)
+
+    monkeypatch.setattr(kernels[2]["auto"], "run", spy)
+    s = tb.symmetric_matmul(q, k, x, scale=scale, row_offset=r)
+    assert seen == [False]
+    p, pt = tb.matmul_pair(q, k, x, x, scale=scale, row_offset=r)
+    q64, k64, x64 = (t.double() for t in (q, k, x))
+    _close_fp32(y.double(), reference.matmul(q64, k64, x64, scale=scale, normalize="row")[0])
+    _close_fp32(r.double(), reference.logsumexp(q64, k64, scale=scale))
+    _close_fp32(s.double(), reference.symmetric_matmul(q64, k64, x64, scale=scale,
+                                                                       row_offset=r.double()))
+    p_ref, pt_ref = reference.matmul_pair(q64, k64, x64, x64, scale=scale, row_offset=r.double())
+    _close_fp32(p.double(), p_ref)
+    _close_fp32(pt.double(), pt_ref)
+    assert limits and all(device.type == "cpu" for device in limits)  # asked for the launch's device
+    row_product, logsumexp, symmetric, pair = kernels
+    flags = _constexprs(d, torch.float32)
+    for kernel, tuner in (("row", row_product), ("logsumexp", logsumexp), ("symmetric", symmetric["auto"]),
+                          ("pair", pair)):
+        (expected,) = tiles.choose(kernel, tuner.configs, len(tuner.configs) - len(tiles.SMALL_TILES),
+                                   tuned=False, limit=H100, **flags)
+        assert _tile(tuner.best_config) == _tile(expected), kernel
+        is_fallback = not any(c is tuner.best_config for c in tuner.configs[:-len(tiles.SMALL_TILES)])
+        assert is_fallback == (d == 300), kernel
 
 
 # --------------------------------------------------------------------------- against compiled kernels

@@ -54,12 +54,15 @@ def _autotune_enabled() -> bool:
     return os.environ.get("SPECTRAL_KERNELS_TRITON_AUTOTUNE", "1") != "0"
 
 
-def _autotune(kernel, configs_and_count, tuned, **options):
-    """triton.autotune over the candidates and fallbacks of ``_tiles.configs``, pruned to
-    what fits this GPU's shared memory (``_tiles.pruner``)."""
+def _autotune(kernel, configs_and_count, tuned, *, key, reset_to_zero=None):
+    """Tuned: triton.autotune over the candidates and fallbacks of ``_tiles.configs``,
+    pruned to what fits this GPU's shared memory (``_tiles.pruner``). Not tuned (on a GPU):
+    ``_tiles.ChosenTile``, one tile per shape and no benchmark."""
     configs, n_candidates = configs_and_count
-    return triton.autotune(configs=configs, prune_configs_by={"early_config_prune": _tiles.pruner(
-        kernel, n_candidates, tuned)}, **options)
+    if not tuned and not _interpreted():
+        return lambda fn: _tiles.ChosenTile(fn, kernel, configs_and_count, key)
+    return triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero, prune_configs_by={
+        "early_config_prune": _tiles.pruner(kernel, n_candidates, tuned)})
 
 
 def _symmetric_configs(tuned, walk):

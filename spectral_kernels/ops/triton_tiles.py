@@ -185,6 +185,39 @@ def pruner(kernel, n_candidates, tuned):
     return prune
 
 
+class ChosenTile:
+    """What an untuned launch goes through instead of triton.autotune: ``fn`` launched at
+    the one tile ``choose`` gives, cached per ``key`` (the named arguments' values and the
+    tensors' dtypes, as the autotuner keys). Never benchmarks — Triton 3.6's autotuner
+    times even a single pruned config, which costs a do_bench per new shape and would
+    synchronise inside a CUDA graph capture. ``configs``/``best_config`` as on an autotuner.
+    """
+
+    def __init__(self, fn, kernel, configs_and_count, key):
+        self.fn, self.kernel, self.key = fn, kernel, key
+        self.configs, self.n_candidates = configs_and_count
+        self.cache = {}
+        self.best_config = None
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.run(*args, grid=grid, **kwargs)
+
+    def run(self, *args, grid, **kwargs):
+        named = dict(zip(self.fn.arg_names, args))
+        key = tuple(named.get(name, kwargs.get(name)) for name in self.key) + tuple(
+            str(a.dtype) for a in args if hasattr(a, "dtype"))
+        config = self.cache.get(key)
+        if config is None:
+            if len(self.configs) == 1:  # the interpreter's tile: nothing to choose
+                config = self.configs[0]
+            else:
+                (config,) = choose(self.kernel, self.configs, self.n_candidates, tuned=False,
+                                   limit=_launch_limit(named), **kwargs)
+            self.cache[key] = config
+        self.best_config = config
+        return self.fn[grid](*args, **kwargs, **config.all_kwargs())
+
+
 def configs(tables, *, interpreter_rows, fallbacks=({},)):
     """(autotune configs, number of candidates) for one autotuner.
 
