@@ -137,7 +137,7 @@ def test_pruner_reads_the_limit_of_the_launch_device(compiled, monkeypatch):
     configs, n = _launch_configs("row", None, True)
     flags = _constexprs(256, torch.bfloat16)
     q = torch.zeros(1)
-    pruned = tiles.pruner("row", n, True)(configs, {"Q": q, "N": 3}, **flags)
+    pruned = tiles.pruner("row", n)(configs, {"Q": q, "N": 3}, **flags)
     assert seen == [q.device]
     assert pruned == tiles.choose("row", configs, n, tuned=True, limit=SM86, **flags)
 

@@ -61,8 +61,9 @@ def _autotune(kernel, configs_and_count, tuned, *, key, reset_to_zero=None):
     configs, n_candidates = configs_and_count
     if not tuned and not _interpreted():
         return lambda fn: _tiles.ChosenTile(fn, kernel, configs_and_count, key)
+    # (interpreted: one config, which Triton never prunes)
     return triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero, prune_configs_by={
-        "early_config_prune": _tiles.pruner(kernel, n_candidates, tuned)})
+        "early_config_prune": _tiles.pruner(kernel, n_candidates)})
 
 
 def _symmetric_configs(tuned, walk):
@@ -194,17 +195,18 @@ def _int32_addressable(**tensors):
     """The tensors, each replaced by a contiguous copy where its slice offsets would overflow
     int32 (one copy per distinct tensor, so q is k stays true); a ValueError naming the
     argument where even the copy's would (more than 2³¹ elements in one slice)."""
-    copies = {}
+    copies = []  # (original, contiguous copy)
     out = []
     for name, t in tensors.items():
         if t is not None and _slice_extent(t) > _INT32_MAX:
-            seen = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)  # what same_tensor compares
-            if seen not in copies:
-                copies[seen] = t.contiguous()
-                if _slice_extent(copies[seen]) > _INT32_MAX:
+            copy = next((c for original, c in copies if same_tensor(original, t)), None)
+            if copy is None:
+                copy = t.contiguous()
+                if _slice_extent(copy) > _INT32_MAX:
                     raise ValueError(f"{name} has {math.prod(t.shape[2:])} elements in one (group, head) slice, "
                                      f"beyond the triton kernels' int32 offsets; use backend='torch'")
-            t = copies[seen]
+                copies.append((t, copy))
+            t = copy
         out.append(t)
     return out
 

@@ -92,7 +92,7 @@ def shared_bytes(kernel, rows, cols, stages, *, block_d, block_w=0, qk_bytes=2, 
 
 def block_width(size):
     """Power-of-two tile width ≥ 16 (tl.dot's minimum) covering ``size``."""
-    return max(16, 1 << max(0, int(size) - 1).bit_length())
+    return max(16, triton.next_power_of_2(size))
 
 
 def smallest_tile_fits(kernel, d, width, dtype, limit, *, tf32x3=True) -> bool:
@@ -176,11 +176,11 @@ def choose(kernel, configs, n_candidates, *, tuned, limit, **constexprs):
     return maybe
 
 
-def pruner(kernel, n_candidates, tuned):
-    """``early_config_prune`` for an autotuner whose first ``n_candidates`` configs are the
-    candidates and whose rest are fallbacks."""
+def pruner(kernel, n_candidates):
+    """``early_config_prune`` for a tuned autotuner whose first ``n_candidates`` configs are
+    the candidates and whose rest are fallbacks (untuned launches go through ChosenTile)."""
     def prune(configs, named_args, **kwargs):
-        return choose(kernel, configs, n_candidates, tuned=tuned, limit=_launch_limit(named_args), **kwargs)
+        return choose(kernel, configs, n_candidates, tuned=True, limit=_launch_limit(named_args), **kwargs)
 
     return prune
 
@@ -208,11 +208,8 @@ class ChosenTile:
             str(a.dtype) for a in args if hasattr(a, "dtype"))
         config = self.cache.get(key)
         if config is None:
-            if len(self.configs) == 1:  # the interpreter's tile: nothing to choose
-                config = self.configs[0]
-            else:
-                (config,) = choose(self.kernel, self.configs, self.n_candidates, tuned=False,
-                                   limit=_launch_limit(named), **kwargs)
+            (config,) = choose(self.kernel, self.configs, self.n_candidates, tuned=False,
+                               limit=_launch_limit(named), **kwargs)
             self.cache[key] = config
         self.best_config = config
         return self.fn[grid](*args, **kwargs, **config.all_kwargs())
