@@ -228,13 +228,19 @@ def _fp32_dot():
     return mode
 
 
+# The kernel each dispatched op runs: the first word of its ``_shape_key`` op name.
+_KERNEL_OF_OP_FAMILY = {"matmul": "row", "logsumexp": "logsumexp", "pair": "pair", "symmetric": "symmetric"}
+
+
 def can_launch(shape_key, device) -> bool:
     """Whether the op of ``shape_key`` (``ops._common._shape_key``) has a tile that fits
     this GPU's shared memory: False only for very wide features (on H100, d > 2 048 in
     bf16, d > 512 in fp32 with tf32x3 dots), which ``backend="auto"`` then leaves to torch."""
     op, _, _, _, d, width, dtype = shape_key
-    kernel = ("row" if op.startswith("matmul") else "logsumexp" if op.startswith("logsumexp")
-              else "pair" if op == "pair" else "symmetric")
+    family = op.split("_", 1)[0]  # "matmul_row" → "matmul", "symmetric_same_qk" → "symmetric"
+    if family not in _KERNEL_OF_OP_FAMILY:
+        raise ValueError(f"shape_key names an op no Triton kernel computes: {op!r}")
+    kernel = _KERNEL_OF_OP_FAMILY[family]
     return _tiles.smallest_tile_fits(kernel, d, width, dtype, _tiles.device_limit(device),
                                      tf32x3=_fp32_dot() == "tf32x3")
 
